@@ -1,0 +1,375 @@
+"""GRPO-family policy loss on per-token log-probs: the math, written once.
+
+Every loss_type is a per-token surrogate ``l`` followed by a reduction. Every reduction of
+DESIGN.md is *linear* in ``l`` with weights that depend only on the mask (and on
+num_items_in_batch), so it is written once as a weight tensor ``w`` (:func:`reduction_weights`)
+and the loss is ``sum(w * l)``. The fused kernels reuse exactly these functions on slices of
+tokens to get dLoss/dlogp chunk by chunk; :func:`grpo_loss` applies them to whole tensors.
+
+Shapes: B sequences, T completion positions. ``logp``, ``mask``, ``old_logp``, ``ref_logp`` are
+``[B, T]``; advantages are ``[B]`` (per sequence) or ``[B, T]`` (per token); ``is_ratio`` is
+``[B, T]``, ``[B]`` or ``[B, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import check_finite, check_float, check_same_device, check_shape, check_tensor
+from .config import CLIPPED_SURROGATE, GRPOConfig
+
+METRIC_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
+
+
+@dataclass
+class GRPOLossOutput:
+    """The scalar loss (differentiable) and a dict of detached 0-dim float metrics."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+@dataclass
+class TokenContext:
+    """Everything the per-token objective needs besides logp and entropy, aligned with them.
+
+    Tensors are either the full ``[B, T]`` grid or a flat slice of it (the fused kernels
+    pass slices of tokens). Per-sequence quantities are already broadcast.
+    """
+
+    active: Tensor  # bool: mask != 0
+    old: Optional[Tensor]  # None: on-policy (old = logp.detach())
+    ref: Optional[Tensor]
+    adv: Tensor
+    is_ratio: Optional[Tensor]
+    phi: Optional[Tensor]  # vespo gamma weights, detached
+    entropy_mask: Optional[Tensor]  # top-entropy selection of the policy-gradient term
+    loss_w: Tensor  # reduction weights of the per-token loss
+    metric_w: Tensor  # m / max(sum m, 1): weights of the token-mean metrics
+    entropy_w: Optional[Tensor]  # weights of the entropy bonus (None: no bonus)
+
+    def flat_slice(self, start: int, end: int) -> "TokenContext":
+        def s(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.reshape(-1)[start:end]
+
+        return TokenContext(**{f: s(getattr(self, f)) for f in self.__dataclass_fields__})
+
+
+def kl_divergence(logp: Tensor, ref: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled token."""
+    d = ref - logp
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    if estimator == "k2":
+        return 0.5 * d * d
+    return -d
+
+
+def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Optional[Union[int, float, Tensor]] = None) -> Tensor:
+    """Weights ``w`` such that the loss is ``sum(w * l)`` for per-token losses ``l`` ([B, T] -> [B, T])."""
+    m = mask.to(torch.float32)
+    B = m.shape[0]
+    lt = config.loss_type
+    if lt in ("grpo", "sapo"):
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
+    if lt == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if lt == "dr_grpo":
+        return m / float(B * config.max_completion_length)
+    if lt == "luspo":
+        return m / float(B)
+    return m / active_token_count(m, num_items_in_batch)
+
+
+def active_token_count(mask: Tensor, num_items_in_batch: Optional[Union[int, float, Tensor]] = None) -> Tensor:
+    """The dapo/cispo/vespo normalizer: tokens per rank of the whole (accumulated) batch.
+
+    ``num_items_in_batch / world_size`` when given (TRL passes the token count of all gradient
+    accumulation steps and ranks); otherwise this batch's mask sum, all-reduced over ranks,
+    divided by the world size.
+    """
+    world = 1
+    dist = torch.distributed
+    initialized = dist.is_available() and dist.is_initialized()
+    if initialized:
+        world = dist.get_world_size()
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+        return (n / world).clamp(min=1.0)
+    total = mask.to(torch.float32).sum()
+    if initialized:
+        total = total.clone()
+        dist.all_reduce(total)
+    return (total / world).clamp(min=1.0)
+
+
+@torch.no_grad()
+def vespo_weights(adv: Tensor, log_ratio: Tensor, mask: Tensor, is_ratio: Optional[Tensor], config: GRPOConfig) -> Tensor:
+    """VESPO's detached gamma weight ``phi(w) = exp(lambda + k log w - lambda w)`` per sequence.
+
+    ``w`` is the sequence ratio (sum of clamped token log-ratios, plus the sampler's log
+    importance ratio when given), computed in log space and clamped as TRL does. [B, 1] (or
+    [B, T] with per-token advantages, whose sign picks k and lambda per token).
+    """
+    m = mask.to(torch.float32)
+    lower = math.log(1e-8)
+    seq = (log_ratio.float().clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+    if is_ratio is not None:
+        log_is = torch.log(is_ratio.float()).clamp(lower, 20.0)
+        seq = seq + (log_is * m).sum(-1, keepdim=True) if log_is.shape[-1] != 1 else seq + log_is
+    log_w = seq.clamp(lower, 20.0)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
+    lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """Tokens whose entropy is at or above the ``1 - quantile`` quantile of the completion tokens.
+
+    The quantile is taken over this process's completion tokens; TRL gathers them over ranks
+    first, so under data parallelism the selected set can differ slightly from TRL's.
+    """
+    active = mask != 0
+    if quantile >= 1.0 or not bool(active.any()):
+        return active
+    threshold = torch.quantile(entropy[active].float(), 1.0 - quantile)
+    return (entropy >= threshold) & active
+
+
+def token_objective(
+    logp: Tensor, entropy: Optional[Tensor], ctx: TokenContext, config: GRPOConfig, log_weight: Optional[Tensor] = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss contribution ``sum(w * l) - coef * sum(ew * H)`` of some tokens and their metric sums.
+
+    ``log_weight`` is the log importance weight; None means token level (``logp - old``). Applied
+    to all tokens it is the whole loss; applied to slices, the slice results add up to it.
+    """
+    active = ctx.active
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(active, logp, zero)
+    old = logp.detach() if ctx.old is None else torch.where(active, ctx.old.to(logp.dtype), zero)
+    adv = torch.where(active, ctx.adv.to(logp.dtype), zero)
+    if log_weight is None:
+        log_weight = logp - old
+    r = torch.exp(log_weight)
+
+    lt = config.loss_type
+    low = high = None
+    if lt == "cispo":
+        cap = config.eps_high
+        per_token = -torch.clamp(r, max=cap).detach() * adv * logp
+        high = (r > cap) & (adv > 0)
+    elif lt == "sapo":
+        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(logp.dtype)
+        per_token = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * adv
+    elif lt == "vespo":
+        per_token = -ctx.phi.to(logp.dtype) * adv * logp
+    else:
+        assert lt in CLIPPED_SURROGATE
+        lo_b, hi_b = 1.0 - config.epsilon_low, 1.0 + config.eps_high
+        rc = torch.clamp(r, lo_b, hi_b)
+        r1 = r if config.delta is None else torch.clamp(r, max=config.delta)
+        per_token = -torch.minimum(r1 * adv, rc * adv)
+        low = (r < lo_b) & (adv < 0)
+        high = (r > hi_b) & (adv > 0)
+
+    if ctx.entropy_mask is not None:
+        per_token = per_token * ctx.entropy_mask.to(logp.dtype)
+    if ctx.is_ratio is not None and lt != "vespo":
+        per_token = per_token * torch.where(active, ctx.is_ratio.to(logp.dtype), zero)
+
+    kl = None
+    if ctx.ref is not None:
+        ref = torch.where(active, ctx.ref.to(logp.dtype), zero)
+        kl = kl_divergence(logp, ref, config.kl_estimator)
+        if config.use_bias_correction_kl:
+            kl = kl * r
+        if config.beta != 0.0:
+            per_token = per_token + config.beta * kl
+
+    per_token = torch.where(active, per_token, zero)
+    loss = (ctx.loss_w.to(logp.dtype) * per_token).sum()
+    if ctx.entropy_w is not None:
+        loss = loss - config.entropy_coef * (ctx.entropy_w.to(logp.dtype) * torch.where(active, entropy, zero)).sum()
+
+    mw = ctx.metric_w.to(torch.float32)
+    sums: dict[str, Tensor] = {}
+    with torch.no_grad():
+        if kl is not None:
+            sums["kl"] = (mw * torch.where(active, kl, zero).float()).sum()
+        low_f = torch.zeros_like(mw) if low is None else (low & active).float()
+        high_f = torch.zeros_like(mw) if high is None else (high & active).float()
+        sums["clip_ratio/low_mean"] = (mw * low_f).sum()
+        sums["clip_ratio/high_mean"] = (mw * high_f).sum()
+        sums["clip_ratio/region_mean"] = (mw * torch.maximum(low_f, high_f)).sum()
+        if entropy is not None:
+            sums["entropy"] = (mw * torch.where(active, entropy.detach(), zero).float()).sum()
+    return loss, sums
+
+
+def _expand_per_sequence(x: Tensor, B: int) -> Tensor:
+    """[B] -> [B, 1]; [B, 1] and [B, T] broadcast as they are."""
+    return x.reshape(B, 1) if x.dim() == 1 else x
+
+
+def validate_loss_inputs(
+    fn: str,
+    logp_shape: tuple[int, int],
+    device: torch.device,
+    advantages: Tensor,
+    mask: Tensor,
+    config: GRPOConfig,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    is_ratio: Optional[Tensor],
+    num_items_in_batch: Optional[Union[int, float, Tensor]],
+) -> None:
+    """Checks shared by grpo_loss and the fused loss, before any work."""
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
+    B, T = logp_shape
+    check_tensor(fn, "mask", mask)
+    check_shape(fn, "mask", mask, (B, T), "the completion tokens")
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise ValueError(f"{fn}: mask must be finite (0/1 or non-negative weights)")
+    if bool((mask < 0).any()) if mask.dtype != torch.bool else False:
+        raise ValueError(f"{fn}: mask must be non-negative (0 for padding, 1 for completion tokens)")
+    check_float(fn, "advantages", advantages)
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"{fn}: advantages must be [B] = ({B},) per sequence or [B, T] = ({B}, {T}) per token; got {tuple(advantages.shape)}")
+    check_finite(fn, "advantages", advantages)
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if x is not None:
+            check_float(fn, name, x)
+            check_shape(fn, name, x, (B, T), "the completion tokens")
+    if config.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"{fn}: ref_logp is required when config.beta != 0 (beta={config.beta}); pass the reference model's log-probs or set beta=0")
+    if is_ratio is not None:
+        check_float(fn, "is_ratio", is_ratio)
+        if tuple(is_ratio.shape) not in ((B, T), (B,), (B, 1)):
+            raise ValueError(f"{fn}: is_ratio must be [B, T] = ({B}, {T}), [B] or [B, 1]; got {tuple(is_ratio.shape)}")
+        check_finite(fn, "is_ratio", is_ratio)
+        if bool((is_ratio < 0).any()):
+            raise ValueError(f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
+    if num_items_in_batch is not None:
+        n = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+        if not n > 0:
+            raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
+    check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
+    if advantages.device != device:
+        raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
+
+
+def build_context(
+    mask: Tensor,
+    advantages: Tensor,
+    config: GRPOConfig,
+    *,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    is_ratio: Optional[Tensor],
+    num_items_in_batch: Optional[Union[int, float, Tensor]],
+    phi: Optional[Tensor] = None,
+    entropy_mask: Optional[Tensor] = None,
+) -> TokenContext:
+    """The per-token context over the full [B, T] grid (per-sequence tensors broadcast)."""
+    B, T = mask.shape
+    active = mask != 0
+    m = mask.to(torch.float32)
+    adv = advantages.reshape(B, 1).expand(B, T) if advantages.dim() == 1 else advantages
+    isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B).expand(B, T)
+    metric_w = m / m.sum().clamp(min=1.0)
+    return TokenContext(
+        active=active,
+        old=old_logp,
+        ref=ref_logp,
+        adv=adv,
+        is_ratio=isr,
+        phi=None if phi is None else phi.expand(B, T),
+        entropy_mask=entropy_mask,
+        loss_w=reduction_weights(mask, config, num_items_in_batch),
+        metric_w=metric_w,
+        entropy_w=metric_w if config.entropy_coef != 0.0 else None,
+    )
+
+
+def sequence_log_weight(logp: Tensor, old: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's log sequence ratio: the length-normalized sum of token log-ratios, [B, 1]."""
+    m = mask.to(logp.dtype)
+    active = mask != 0
+    lr = torch.where(active, logp - old.to(logp.dtype), torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return (lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def grpo_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    config: GRPOConfig,
+    *,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    is_ratio: Optional[Tensor] = None,
+    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+    entropy: Optional[Tensor] = None,
+) -> GRPOLossOutput:
+    """GRPO-family loss from per-token log-probs, with TRL's semantics for every loss_type.
+
+    Args:
+        logp: [B, T] float log-probs of the completion tokens under the current policy (differentiable).
+        advantages: [B] per-sequence or [B, T] per-token advantages.
+        mask: [B, T] completion mask (0 for padding; non-zero entries are weights, normally 1).
+        config: the loss options.
+        old_logp: [B, T] log-probs under the sampling policy; None means on-policy (``logp.detach()``).
+        ref_logp: [B, T] reference-model log-probs; required when ``config.beta != 0``.
+        is_ratio: sampler importance-sampling correction, [B, T] per token or [B] / [B, 1] per sequence.
+        num_items_in_batch: token count of the whole accumulated batch over all ranks (dapo/cispo/vespo).
+        entropy: [B, T] per-token entropy; required when config.entropy_coef != 0 or
+            config.top_entropy_quantile < 1, reported as the ``entropy`` metric when given.
+
+    Returns:
+        GRPOLossOutput with the scalar loss and metrics ``kl`` (when ref_logp is given),
+        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` and ``entropy``
+        (when entropy is given): token means over the completion tokens.
+    """
+    fn = "grpo_loss"
+    check_float(fn, "logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"{fn}: logp must be [B, T]; got shape {tuple(logp.shape)}")
+    validate_loss_inputs(fn, tuple(logp.shape), logp.device, advantages, mask, config, old_logp, ref_logp, is_ratio, num_items_in_batch)
+    if entropy is not None:
+        check_float(fn, "entropy", entropy)
+        check_shape(fn, "entropy", entropy, logp.shape, "logp")
+    elif config.needs_entropy:
+        raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
+    return _grpo_loss(logp, advantages, mask, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
+                      num_items_in_batch=num_items_in_batch, entropy=entropy)
+
+
+def _grpo_loss(logp, advantages, mask, config, *, old_logp, ref_logp, is_ratio, num_items_in_batch, entropy) -> GRPOLossOutput:
+    """grpo_loss without validation (the fused path calls it on already-checked inputs)."""
+    B, T = logp.shape
+    old = logp.detach() if old_logp is None else old_logp
+    phi = None
+    if config.loss_type == "vespo":
+        adv_b = advantages.reshape(B, 1) if advantages.dim() == 1 else advantages
+        isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B)
+        phi = vespo_weights(adv_b, (logp - old.to(logp.dtype)).detach(), mask, isr, config)
+    emask = None
+    if config.top_entropy_quantile < 1.0:
+        emask = top_entropy_mask(entropy.detach(), mask, config.top_entropy_quantile)
+    ctx = build_context(mask, advantages, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
+                        num_items_in_batch=num_items_in_batch, phi=phi, entropy_mask=emask)
+    log_weight = None
+    if config.importance_sampling_level == "sequence":
+        log_weight = sequence_log_weight(logp, old, mask)
+    loss, sums = token_objective(logp, entropy, ctx, config, log_weight=log_weight)
+    return GRPOLossOutput(loss=loss, metrics=sums)

@@ -1,0 +1,30 @@
+"""Test configuration: CPU-only machines run the Triton kernels in the interpreter."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates any kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from grpo_kernels import backends  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    """Every kernel output starts as NaN, so an element a kernel never wrote fails the test."""
+    backends.set_poison(True)
+    yield
+    backends.set_poison(False)
+
+
+@pytest.fixture
+def seed():
+    """Fresh random inputs every run; the seed is printed on failure for replay."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    print(f"seed={s}")
+    return s

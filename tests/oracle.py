@@ -1,0 +1,75 @@
+"""The comparison rule of DESIGN.md, in one place.
+
+A kernel's error against the float64 oracle may be at most ``factor`` (2) times the error of the
+materializing PyTorch path run in the same dtype, plus a small floor. NaN/inf never passes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import grpo_kernels as gk
+
+try:
+    from grpo_kernels.backends import cpu_extension
+
+    HAS_CPU_EXT = cpu_extension() is not None
+except Exception:  # pragma: no cover - import problems surface in other tests
+    HAS_CPU_EXT = False
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on CPU tensors here (triton through TRITON_INTERPRET=1)."""
+    names = ["torch"]
+    if HAS_CPU_EXT:
+        names.append("cpu")
+    if gk.backends.triton_available():
+        names.append("triton")
+    return names
+
+
+def describe_worst(name: str, ours: torch.Tensor, oracle: torch.Tensor) -> str:
+    diff = (ours.double() - oracle.double()).abs()
+    flat = diff.reshape(-1)
+    i = int(torch.nan_to_num(flat, nan=float("inf")).argmax())
+    idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), diff.shape)) if diff.dim() else ()
+    return (f"{name}: worst element {idx}: ours={ours.reshape(-1)[i].item()!r} "
+            f"oracle={oracle.reshape(-1)[i].item()!r} |diff|={flat[i].item():.3e}")
+
+
+def assert_close_to_oracle(
+    name: str,
+    ours: torch.Tensor,
+    oracle: torch.Tensor,
+    same_dtype: Optional[torch.Tensor] = None,
+    *,
+    factor: float = 2.0,
+    floor: Optional[float] = None,
+) -> None:
+    """``max|ours - oracle| <= factor * max|same_dtype - oracle| + floor``; NaN/inf disagreement fails.
+
+    With ``same_dtype=None`` the bound is the floor alone (for fp32/fp64 exactness checks).
+    The default floor scales with the oracle's magnitude: 1e-5 * (1 + max|oracle|).
+    """
+    assert ours.shape == oracle.shape, f"{name}: shape {tuple(ours.shape)} != oracle {tuple(oracle.shape)}"
+    o_fin, r_fin = torch.isfinite(ours), torch.isfinite(oracle)
+    if not bool((o_fin == r_fin).all()):
+        bad = (o_fin != r_fin).nonzero()[0].tolist()
+        raise AssertionError(f"{name}: NaN/inf disagreement at {bad}: ours={ours[tuple(bad)].item()!r} oracle={oracle[tuple(bad)].item()!r}")
+    if not bool((ours[~o_fin].double() == oracle[~r_fin].double()).all() if (~o_fin).any() else True):
+        raise AssertionError(f"{name}: non-finite values differ")
+    ours_f, ora_f = ours[o_fin].double(), oracle[r_fin].double()
+    scale = float(ora_f.abs().max()) if ora_f.numel() else 0.0
+    fl = 1e-5 * (1.0 + scale) if floor is None else floor
+    err = float((ours_f - ora_f).abs().max()) if ora_f.numel() else 0.0
+    ref_err = 0.0
+    if same_dtype is not None:
+        ref_err = float((same_dtype[r_fin].double() - ora_f).abs().max()) if ora_f.numel() else 0.0
+    bound = factor * ref_err + fl
+    if not err <= bound:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} > bound {bound:.3e} (= {factor} x same-dtype error {ref_err:.3e} + floor {fl:.1e}); "
+            + describe_worst(name, ours, oracle)
+        )
