@@ -1,0 +1,210 @@
+"""group_advantages: group-normalized advantages (GRPO, Dr. GRPO, RLOO) from per-sample rewards.
+
+The public function validates and dispatches; the PyTorch implementation below is the one CPU
+tensors use (the op is O(B), too small to deserve a C++ kernel) and is vectorized over groups with
+index_add / scatter_reduce, so any grouping costs the same few kernels. The Triton kernel lives in
+``grpo_kernels.backends.triton.advantages``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._checks import check_float, check_tensor
+
+FN = "group_advantages"
+SCALES = ("group", "batch", "none")
+ESTIMATORS = ("grpo", "rloo")
+
+
+def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optional[int], group_ids: Optional[Tensor],
+                           scale: str, rloo: bool, eps: float) -> Tensor:
+    """Advantages [B] in weights.dtype from rewards [B, R] (NaN = unscored) and weights [R]; no loop over groups."""
+    n_rows = rewards.shape[0]
+    dt, device = weights.dtype, rewards.device
+    r = rewards.to(dt)
+    unscored = r.isnan()
+    valid = ~unscored.all(1)
+    x = torch.where(unscored, 0.0, r * weights).sum(1)
+    if group_ids is None:
+        index = torch.arange(n_rows, device=device) // group_size
+        n_groups = n_rows // group_size
+    else:
+        labels, index = torch.unique(group_ids, return_inverse=True)
+        n_groups = labels.numel()
+
+    def per_group(values: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=dt, device=device).index_add_(0, index, values)
+
+    count = per_group(valid.to(dt))
+    mean = per_group(x) / count.clamp_min(1)  # x is 0 for missing samples
+    deviation = torch.where(valid, x - mean[index], 0.0)
+    # min == max detects a zero-variance group exactly; deviation need not be exactly 0 there,
+    # since the mean of equal values is rounded
+    lo = torch.full((n_groups,), math.inf, dtype=dt, device=device)
+    lo.scatter_reduce_(0, index, torch.where(valid, x, math.inf), "amin")
+    hi = torch.full((n_groups,), -math.inf, dtype=dt, device=device)
+    hi.scatter_reduce_(0, index, torch.where(valid, x, -math.inf), "amax")
+    keep = (count > 1) & (lo != hi)  # count > 1 too: a group with no scored member has inf != -inf
+
+    centered = deviation
+    if rloo:
+        # R_i - mean_{j != i} R_j = n / (n - 1) * (R_i - mean), without the cancellation of (S - R_i)
+        centered = centered * (count / (count - 1).clamp_min(1))[index]
+    if scale == "group":
+        denom = ((per_group(deviation * deviation) / (count - 1).clamp_min(1)).sqrt() + eps)[index]
+    elif scale == "batch":
+        n_valid = valid.sum().to(dt)
+        batch_deviation = torch.where(valid, x - x.sum() / n_valid.clamp_min(1), 0.0)
+        denom = ((batch_deviation * batch_deviation).sum() / (n_valid - 1).clamp_min(1)).sqrt() + eps
+    else:
+        denom = torch.ones((), dtype=dt, device=device)
+    # groups that output 0 may divide 0 by 0 (eps = 0); where() discards those lanes
+    return torch.where(valid & keep[index], centered / denom, 0.0)
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    """Like backends.resolve, but this op has no C++ kernel: the PyTorch code is its CPU implementation."""
+    if backend == "auto":
+        env = os.environ.get("GRPO_KERNELS_BACKEND", "auto")
+        backend = env if env in ("triton", "torch") else "auto"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and backends.triton_available() else "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{FN}: backend='cpu' needs CPU tensors; got tensors on {device}")
+        return "torch"
+    if backend == "triton":
+        if not backends.triton_available():
+            raise RuntimeError(f"{FN}: backend='triton' was requested but Triton is not installed")
+        if device.type != "cuda" and not backends.triton_interpret():
+            raise ValueError(f"{FN}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device}")
+    return backend
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int, rewards: Tensor, dt: torch.dtype) -> Tensor:
+    """reward_weights validated and converted to a [R] tensor of the compute dtype on rewards' device."""
+    if isinstance(reward_weights, Tensor):
+        if reward_weights.dtype == torch.bool or reward_weights.is_complex():
+            raise TypeError(f"{FN}: reward_weights must be a real-valued tensor; got {_dtype_name(reward_weights.dtype)}")
+        if reward_weights.device != rewards.device:
+            raise ValueError(f"{FN}: reward_weights must be on rewards' device {rewards.device}; got {reward_weights.device}")
+        w = reward_weights.detach()
+    else:
+        numbers_only = isinstance(reward_weights, Sequence) and not isinstance(reward_weights, str) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in reward_weights)
+        if not numbers_only:
+            raise TypeError(f"{FN}: reward_weights must be a tensor or a sequence of numbers; got {reward_weights!r}")
+        w = torch.tensor([float(v) for v in reward_weights], dtype=torch.float64, device=rewards.device)
+    if tuple(w.shape) != (n_cols,):
+        raise ValueError(f"{FN}: reward_weights must have shape [R] = ({n_cols},), one weight per reward column; "
+                         f"got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{FN}: reward_weights must be finite; got {w.tolist()}")
+    return w.to(dt)
+
+
+def _validate(rewards: Tensor, group_size: Optional[int], group_ids: Optional[Tensor], scale: str, estimator: str,
+              eps: float, backend: str) -> None:
+    check_float(FN, "rewards", rewards)
+    if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[1] == 0):
+        raise ValueError(f"{FN}: rewards must be [B] or [B, R] with R >= 1; got shape {tuple(rewards.shape)}")
+    n_rows = rewards.shape[0]
+    if (group_size is None) == (group_ids is None):
+        got = "neither" if group_size is None else "both"
+        raise ValueError(f"{FN}: exactly one of group_size and group_ids must be given; got {got}")
+    if group_size is not None:
+        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
+            raise ValueError(f"{FN}: group_size must be a positive int; got {group_size!r}")
+        if n_rows % group_size:
+            raise ValueError(f"{FN}: group_size must divide the batch size B = {n_rows}; got {group_size}")
+    else:
+        check_tensor(FN, "group_ids", group_ids)
+        if group_ids.dtype.is_floating_point or group_ids.is_complex() or group_ids.dtype == torch.bool:
+            raise TypeError(f"{FN}: group_ids must be an integer tensor of group labels; got {_dtype_name(group_ids.dtype)}")
+        if tuple(group_ids.shape) != (n_rows,):
+            raise ValueError(f"{FN}: group_ids must have shape [B] = ({n_rows},); got {tuple(group_ids.shape)}")
+        if group_ids.device != rewards.device:
+            raise ValueError(f"{FN}: group_ids must be on rewards' device {rewards.device}; got {group_ids.device}")
+    if scale not in SCALES:
+        raise ValueError(f"{FN}: scale must be one of {', '.join(SCALES)}; got {scale!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{FN}: estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+        raise ValueError(f"{FN}: eps must be a finite number >= 0; got {eps!r}")
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"{FN}: backend must be one of {', '.join(backends.BACKENDS)}; got {backend!r}")
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    *,
+    scale: str = "group",
+    estimator: str = "grpo",
+    reward_weights: Optional[Union[Tensor, Sequence[float]]] = None,
+    eps: float = 1e-4,
+    backend: str = "auto",
+) -> Tensor:
+    """Group-normalized advantages of a batch of sampled completions.
+
+    With ``R_i = sum_k w_k r_ik`` the combined reward of sample i and ``n`` the size of its group:
+
+    - estimator "grpo": ``A_i = (R_i - mean_group R) / (std + eps)``
+    - estimator "rloo": ``A_i = (R_i - mean_{j in group, j != i} R_j) / (std + eps)`` (leave-one-out baseline)
+
+    where std is the unbiased std of the sample's group (scale "group"), of every scored reward of
+    the batch (scale "batch"; the mean stays per group), or no division at all (scale "none",
+    Dr. GRPO). A group with fewer than two scored members, or whose members all have the same
+    reward, gets exactly 0.
+
+    A NaN reward entry means that reward function could not score the sample: it is left out of
+    the weighted sum. A sample none of whose rewards is scored is missing: it is left out of its
+    group's statistics (and the batch std) and gets advantage 0.
+
+    Args:
+        rewards: [B] or [B, R] float rewards (R reward functions); NaN marks an unscored entry.
+        group_size: groups are consecutive runs of group_size samples (B % group_size == 0) ...
+        group_ids: ... or the samples sharing a label of this [B] integer tensor (any values, any
+            order, groups of any size). Exactly one of group_size and group_ids must be given.
+        scale: "group", "batch" or "none".
+        estimator: "grpo" or "rloo".
+        reward_weights: [R] finite weights of the reward columns (tensor or sequence); default all ones.
+        eps: added to the std before dividing (>= 0).
+        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton", "torch", or "cpu"
+            (CPU tensors; runs the PyTorch code, this op has no C++ kernel);
+            ``grpo_kernels.last_backend("group_advantages")`` tells which one ran.
+
+    Returns:
+        advantages [B], float32 (float64 when rewards are float64), on rewards' device. They are
+        constants of the loss: computed without autograd, whatever rewards.requires_grad.
+    """
+    _validate(rewards, group_size, group_ids, scale, estimator, eps, backend)
+    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.detach()
+    if r.dim() == 1:
+        r = r.unsqueeze(1)
+    weights = (torch.ones(r.shape[1], dtype=dt, device=r.device) if reward_weights is None
+               else _reward_weights(reward_weights, r.shape[1], rewards, dt))
+    name = _resolve(backend, rewards.device)
+    backends.record(FN, name)
+    if name == "triton":
+        impl = importlib.import_module("grpo_kernels.backends.triton.advantages").group_advantages
+    else:
+        impl = torch_group_advantages
+    return impl(r, weights, None if group_size is None else int(group_size), group_ids, scale, estimator == "rloo",
+                float(eps))
