@@ -1,0 +1,43 @@
+// pybind11 bindings of grpo_kernels._C. Outputs are allocated by the Python launcher
+// (grpo_kernels/backends/cpu.py) and written in place here.
+#include <torch/extension.h>
+
+#include "logprobs_cpu.h"
+
+namespace {
+
+grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap) {
+  grpo_kernels::LogprobsOptions o;
+  o.temperature = temperature;
+  o.softcap = softcap.value_or(0.0);
+  return o;
+}
+
+void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+             double temperature, c10::optional<double> softcap, at::Tensor logp, at::Tensor lse,
+             c10::optional<at::Tensor> entropy) {
+  py::gil_scoped_release no_gil;
+  grpo_kernels::forward(h, w, b, t, options(temperature, softcap), logp, lse, entropy);
+}
+
+void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
+              const c10::optional<at::Tensor>& g_ent, double temperature, c10::optional<double> softcap,
+              c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+  py::gil_scoped_release no_gil;
+  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap), dh, dw, db);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "grpo_kernels C++ CPU kernels: streamed per-token log-probs, entropy and their gradients";
+  m.def("forward", &forward, "logp, lse (and entropy) of targets without materializing logits",
+        py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"),
+        py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+  m.def("backward", &backward, "dh, dw, db of sum(g_logp * logp + g_ent * entropy)", py::arg("h"), py::arg("w"),
+        py::arg("b"), py::arg("t"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_ent"),
+        py::arg("temperature"), py::arg("softcap"), py::arg("dh"), py::arg("dw"), py::arg("db"));
+  m.def("gemm_path", &grpo_kernels::gemm_path, "GEMM path for a dtype and hidden size: 'amx-vnni' or 'plain'");
+  m.def("num_threads", [] { return at::get_num_threads(); });
+}

@@ -1,0 +1,587 @@
+// Must precede every ATen include: picks the at::vec implementation for the ISA this file is compiled for
+// (setup.py builds with -march=native by default).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#endif
+
+#include "logprobs_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace grpo_kernels {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kVocabBlock = 256;  // rows of W per tile (the brgemm M of the logits GEMM)
+constexpr int64_t kTokenChunk = 256;  // tokens per tile: below ~192 the tile GEMM becomes W-bandwidth bound
+// Leading dimensions are padded off powers of two: rows 1 KiB apart alias in the same cache sets.
+constexpr int64_t kLd = kTokenChunk + 16;       // fp32 tile rows, packed H^T rows, VNNI dZ pair rows
+constexpr int64_t kDzLd = kTokenChunk + 32;     // 16-bit dZ^T rows
+constexpr int64_t kWtLd = kVocabBlock + 32;     // 16-bit W_block^T rows
+// All threads' fp32 dH^T accumulators of one super-chunk of tokens together stay below this, so
+// the backward's extra memory does not grow with N (dW then accumulates across super-chunks).
+constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up2(int64_t x) { return (x + 1) & ~int64_t(1); }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+bool use_vnni(int64_t d) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
+    return d % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  }
+}
+
+template <typename T>
+void tile_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
+               const T* b, float* c, bool vnni) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, vnni);
+}
+
+// Elementwise transform of raw logits (fp32 GEMM output + bias): temperature, then soft-capping.
+struct Transform {
+  float inv_t;
+  float cap;  // 0: off
+  float inv_cap;
+
+  explicit Transform(const LogprobsOptions& o)
+      : inv_t(static_cast<float>(1.0 / o.temperature)),
+        cap(static_cast<float>(o.softcap)),
+        inv_cap(o.softcap > 0 ? static_cast<float>(1.0 / o.softcap) : 0.f) {}
+
+  Vec apply(Vec raw) const {
+    Vec z = raw * Vec(inv_t);
+    return cap > 0 ? Vec(cap) * (z * Vec(inv_cap)).tanh() : z;
+  }
+  float apply(float raw) const {
+    float z = raw * inv_t;
+    return cap > 0 ? cap * std::tanh(z * inv_cap) : z;
+  }
+  // dz/draw
+  Vec slope(Vec z) const {
+    if (cap > 0) {
+      Vec u = z * Vec(inv_cap);
+      return (Vec(1.f) - u * u) * Vec(inv_t);
+    }
+    return Vec(inv_t);
+  }
+  float slope(float z) const {
+    if (cap > 0) {
+      float u = z * inv_cap;
+      return (1.f - u * u) * inv_t;
+    }
+    return inv_t;
+  }
+};
+
+template <typename T>
+float bias_at(const T* b, int64_t v) {
+  return b == nullptr ? 0.f : static_cast<float>(b[v]);
+}
+
+// Packs the operands a tile GEMM needs. VNNI layout for 16-bit types: element (k, n) of a [K, N]
+// operand lives at [k / 2][n][k % 2], i.e. pairs of consecutive k share one 32-bit word.
+template <typename T>
+struct Packer {
+  // B operand of the logits GEMM, H_chunk^T [D, Mc]: from rows h[0..mc) of length d.
+  static void h_transposed(const T* h, int64_t mc, int64_t d, bool vnni, T* out) {
+    if (vnni) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(h);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+      const int64_t d2 = d / 2;
+      for (int64_t n0 = 0; n0 < mc; n0 += 16)
+        for (int64_t k = 0; k < d2; ++k)
+          for (int64_t n = n0; n < std::min(mc, n0 + 16); ++n) dst[k * kLd + n] = src[n * d2 + k];
+    } else {
+      for (int64_t n0 = 0; n0 < mc; n0 += 16)
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t n = n0; n < std::min(mc, n0 + 16); ++n) out[k * kLd + n] = h[n * d + k];
+    }
+  }
+
+  // Interleaves row pairs of a [rows, n] matrix (leading dim ld) into VNNI [ceil(rows/2), n, 2] whose
+  // pair rows are ld_out 32-bit words apart; a missing last row reads as zeros.
+  static void interleave_rows(const T* src, int64_t rows, int64_t n, int64_t ld, int64_t ld_out, T* dst) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const uint16_t* a = s + r * ld;
+      uint32_t* out = o + (r / 2) * ld_out;
+      if (r + 1 < rows) {
+        const uint16_t* b = a + ld;
+        for (int64_t j = 0; j < n; ++j) out[j] = uint32_t(a[j]) | (uint32_t(b[j]) << 16);
+      } else {
+        for (int64_t j = 0; j < n; ++j) out[j] = uint32_t(a[j]);
+      }
+    }
+  }
+
+  // A operand of the dH GEMM, W_block^T [D, kv] (rows ld_out apart) from rows w[0..vb) of length d;
+  // columns [vb, kv) are zero (the VNNI K padding).
+  static void w_transposed(const T* w, int64_t vb, int64_t d, int64_t kv, int64_t ld_out, T* out) {
+    constexpr int64_t kB = 32;
+    for (int64_t r0 = 0; r0 < vb; r0 += kB)
+      for (int64_t k0 = 0; k0 < d; k0 += kB)
+        for (int64_t k = k0; k < std::min(d, k0 + kB); ++k)
+          for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[k * ld_out + r] = w[r * d + k];
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t r = vb; r < kv; ++r) out[k * ld_out + r] = T(0.f);
+  }
+};
+
+// Online softmax statistics of one token: running max m, s = sum exp(z - m), q = sum exp(z - m) (z - m).
+// Keeping q relative to the running max avoids the cancellation of lse - sum(p z) for peaked rows.
+struct Stats {
+  float* m;
+  float* s;
+  float* q;
+};
+
+// Rescales running stats to a new max and folds in a block's exp-sums, 16 tokens at a time.
+inline void fold_block(const float* z, int64_t rows, int64_t ldz, int64_t n0, int64_t width, Vec bmax, const Stats& st,
+                       bool want_q) {
+  Vec m_old = Vec::loadu(st.m + n0, width);
+  Vec m_new = at::vec::maximum(m_old, bmax);
+  // m_old = -inf (first block): exp(-inf) = 0 and the q update must not form 0 * -inf.
+  Vec first = m_old == Vec(kNegInf);
+  Vec scale = Vec::blendv((m_old - m_new).exp_u20(), Vec(0.f), first);
+  Vec s = Vec::loadu(st.s + n0, width) * scale;
+  Vec q(0.f);
+  if (want_q) {
+    Vec shift = Vec::blendv(m_old - m_new, Vec(0.f), first);
+    q = scale * (Vec::loadu(st.q + n0, width) + Vec::loadu(st.s + n0, width) * shift);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    Vec d = Vec::loadu(z + r * ldz + n0, width) - m_new;
+    Vec e = d.exp_u20();
+    s = s + e;
+    if (want_q) q = at::vec::fmadd(e, d, q);
+  }
+  m_new.store(st.m + n0, width);
+  s.store(st.s + n0, width);
+  if (want_q) q.store(st.q + n0, width);
+}
+
+// Applies the logit transform to a raw tile in place and folds it into the running stats.
+template <typename T>
+void forward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, const Transform& tr, const Stats& st,
+                  bool want_q) {
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec bmax(kNegInf);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = z + r * kLd + n0;
+      Vec v = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      v.store(p, width);
+      // lanes past `width` hold garbage; they are never stored back
+      bmax = at::vec::maximum(bmax, v);
+    }
+    fold_block(z, vb, kLd, n0, width, bmax, st, want_q);
+  }
+}
+
+// Per-token inputs of the backward for one super-chunk, as contiguous float arrays.
+struct GradInputs {
+  const float* lse;
+  const float* g_logp;
+  const float* g_ent;  // nullptr: no entropy gradient
+  const float* mean_z;  // sum_j p_j z_j = lse - entropy (only with g_ent)
+};
+
+// Turns a raw logits tile into dLoss/draw in place (fp32), onehot term included; returns the tile's
+// per-row sums into db_rows when given.
+template <typename T>
+void backward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, const int64_t* tgt, const Transform& tr,
+                   const GradInputs& g, float* db_rows) {
+  // raw target logits, saved before the tile is overwritten
+  float raw_t[kTokenChunk];
+  for (int64_t n = 0; n < mc; ++n) {
+    const int64_t r = tgt[n] - v0;
+    raw_t[n] = (r >= 0 && r < vb) ? z[r * kLd + n] + bias_at(bias, tgt[n]) : 0.f;
+  }
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec lse = Vec::loadu(g.lse + n0, width);
+    Vec gl = Vec::loadu(g.g_logp + n0, width);
+    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
+    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = z + r * kLd + n0;
+      Vec zz = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      Vec prob = (zz - lse).exp_u20();
+      Vec d = Vec(0.f) - gl * prob;
+      if (g.g_ent) d = d - ge * prob * (zz - mz);
+      (d * tr.slope(zz)).store(p, width);
+    }
+  }
+  for (int64_t n = 0; n < mc; ++n) {
+    const int64_t r = tgt[n] - v0;
+    if (r >= 0 && r < vb) z[r * kLd + n] += g.g_logp[n] * tr.slope(tr.apply(raw_t[n]));
+  }
+  if (db_rows) {
+    for (int64_t r = 0; r < vb; ++r) {
+      Vec acc(0.f);
+      const float* p = z + r * kLd;
+      int64_t n = 0;
+      for (; n + kW <= mc; n += kW) acc = acc + Vec::loadu(p + n);
+      if (n < mc) acc = acc + Vec::loadu(p + n, mc - n);  // loadu with a count zero-fills the rest
+      float lanes[kW];
+      acc.store(lanes);
+      float sum = 0.f;
+      for (int64_t j = 0; j < kW; ++j) sum += lanes[j];
+      db_rows[r] += sum;
+    }
+  }
+}
+
+// Low-precision dW accumulated across super-chunks: hi is the output itself, lo an int8 residual in
+// units of ulp(hi) / 256, which carries 8 more mantissa bits between super-chunks.
+template <typename T>
+struct Compensated {
+  static float unit(T hi) {
+    uint16_t bits;
+    std::memcpy(&bits, &hi, 2);
+    int32_t field;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      // ulp = 2^(e - 127 - 7); unit = ulp / 256 = 2^(e - 142), float exponent field e - 15
+      field = std::max<int32_t>((bits >> 7) & 0xFF, 1) - 15;
+    } else {
+      // half: ulp = 2^(e - 15 - 10); unit = 2^(e - 33), float exponent field e + 94
+      field = std::max<int32_t>((bits >> 10) & 0x1F, 1) + 94;
+    }
+    if (field <= 0) return 0.f;
+    uint32_t fb = uint32_t(field) << 23;
+    float u;
+    std::memcpy(&u, &fb, 4);
+    return u;
+  }
+  static void store(float full, T* hi, int8_t* lo) {
+    T h(full);
+    *hi = h;
+    if (lo) {
+      const float u = unit(h);
+      const float q = u > 0 ? std::nearbyint((full - static_cast<float>(h)) / u) : 0.f;
+      *lo = static_cast<int8_t>(std::clamp(q, -127.f, 127.f));
+    }
+  }
+  static float load(const T* hi, const int8_t* lo) {
+    return static_cast<float>(*hi) + static_cast<float>(*lo) * unit(*hi);
+  }
+};
+
+// Writes (first == true) or adds a block's fp32 dW rows into the output.
+template <typename T>
+void flush_dw(const float* tile, int64_t vb, int64_t d, T* out, int8_t* lo, bool first) {
+  const int64_t n = vb * d;
+  if constexpr (std::is_same_v<T, float>) {
+    if (first)
+      std::memcpy(out, tile, n * sizeof(float));
+    else
+      for (int64_t i = 0; i < n; ++i) out[i] += tile[i];
+  } else {
+    if (first && lo == nullptr) {
+      at::vec::convert(tile, out, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float full = first ? tile[i] : Compensated<T>::load(out + i, lo + i) + tile[i];
+        Compensated<T>::store(full, out + i, lo + i);
+      }
+    }
+  }
+}
+
+struct Partition {
+  int64_t nthreads, nblocks;
+  int64_t begin(int64_t tid) const { return tid * nblocks / nthreads; }
+  int64_t end(int64_t tid) const { return (tid + 1) * nblocks / nthreads; }
+};
+
+template <typename T>
+void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                  const LogprobsOptions& opt, at::Tensor& logp_out, at::Tensor& lse_out,
+                  c10::optional<at::Tensor> ent_out) {
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  const T* hp = h.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = b ? b->data_ptr<T>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const bool vnni = use_vnni<T>(D);
+  const bool want_q = ent_out.has_value();
+  const Transform tr(opt);
+  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
+  const int64_t nthreads = part.nthreads;
+
+  // super-chunks bound the packed H^T and the per-thread stats
+  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kDhBudgetBytes / (nthreads * D * 4 * kTokenChunk)));
+  const int64_t nchunks_max = ceil_div(S, kTokenChunk);
+  std::vector<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
+  std::vector<float> stats(static_cast<size_t>(nthreads * 3 * S));
+  std::vector<float> zt(static_cast<size_t>(S));
+
+  for (int64_t s0 = 0; s0 < N; s0 += S) {
+    const int64_t sn = std::min(S, N - s0);
+    const int64_t nchunks = ceil_div(sn, kTokenChunk);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
+        Packer<T>::h_transposed(hp + (s0 + c * kTokenChunk) * D, mc, D, vnni, packed.data() + c * D * kLd);
+      }
+    });
+    std::fill(stats.begin(), stats.end(), 0.f);
+    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      for (int64_t tid = t0; tid < t1; ++tid) {
+        float* base = stats.data() + tid * 3 * S;
+        std::fill(base, base + S, kNegInf);
+        for (int64_t blk = part.begin(tid); blk < part.end(tid); ++blk) {
+          const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
+          for (int64_t c = 0; c < nchunks; ++c) {
+            const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed.data() + c * D * kLd, tile.data(), vnni);
+            const Stats st{base + n0, base + S + n0, base + 2 * S + n0};
+            forward_tile<T>(tile.data(), vb, mc, bp, v0, tr, st, want_q);
+            for (int64_t n = 0; n < mc; ++n) {
+              const int64_t r = tp[s0 + n0 + n] - v0;
+              if (r >= 0 && r < vb) zt[n0 + n] = tile[r * kLd + n];
+            }
+          }
+        }
+      }
+      if (vnni) at::native::cpublas::brgemm_release(true);
+    });
+    float* logp = logp_out.data_ptr<float>() + s0;
+    float* lse = lse_out.data_ptr<float>() + s0;
+    float* ent = want_q ? ent_out->data_ptr<float>() + s0 : nullptr;
+    for (int64_t n = 0; n < sn; ++n) {
+      float m = kNegInf;
+      for (int64_t tid = 0; tid < nthreads; ++tid) m = std::max(m, stats[tid * 3 * S + n]);
+      double s = 0, q = 0;
+      for (int64_t tid = 0; tid < nthreads; ++tid) {
+        const float mt = stats[tid * 3 * S + n];
+        if (mt == kNegInf) continue;
+        const double sc = std::exp(double(mt) - m);
+        const double st = stats[tid * 3 * S + S + n];
+        s += sc * st;
+        if (want_q) q += sc * (stats[tid * 3 * S + 2 * S + n] + st * (double(mt) - m));
+      }
+      const double ls = m + std::log(s);
+      lse[n] = static_cast<float>(ls);
+      logp[n] = static_cast<float>(double(zt[n]) - ls);
+      if (want_q) ent[n] = static_cast<float>(std::log(s) - q / s);
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                   const at::Tensor& lse_t, const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
+                   const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
+                   c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  const T* hp = h.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = b ? b->data_ptr<T>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const bool vnni = use_vnni<T>(D);
+  const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
+  const Transform tr(opt);
+  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
+  const int64_t nthreads = part.nthreads;
+  const float* lse = lse_t.data_ptr<float>();
+  const float* gl = gl_t.data_ptr<float>();
+  const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
+  std::vector<float> mean_z;
+  if (ge) {
+    const float* ent = ent_t->data_ptr<float>();
+    mean_z.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) mean_z[n] = lse[n] - ent[n];
+  }
+
+  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kDhBudgetBytes / (nthreads * D * 4 * kTokenChunk)));
+  const int64_t nsuper = ceil_div(N, S);
+  const int64_t nchunks_max = ceil_div(S, kTokenChunk);
+  const int64_t vb_pad = round_up2(kVocabBlock);
+  const int64_t mc_pad = round_up2(kTokenChunk);
+  std::vector<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
+  // B operand of the dW GEMM in VNNI form (pairs of tokens); the plain path reads h directly
+  std::vector<T> packed_h(vnni && need_dw ? static_cast<size_t>(nchunks_max * mc_pad * D) : 0);
+  const int64_t s_ld = S + 16;  // dH^T rows
+  std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
+  std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
+  std::vector<int8_t> dw_lo;
+  T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
+  if (need_dw && nsuper > 1 && !std::is_same_v<T, float>) dw_lo.resize(static_cast<size_t>(V * D));
+
+  for (int64_t si = 0; si < nsuper; ++si) {
+    const int64_t s0 = si * S, sn = std::min(S, N - s0);
+    const int64_t nchunks = ceil_div(sn, kTokenChunk);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
+        const T* hc = hp + (s0 + c * kTokenChunk) * D;
+        Packer<T>::h_transposed(hc, mc, D, vnni, packed_ht.data() + c * D * kLd);
+        if (!packed_h.empty()) Packer<T>::interleave_rows(hc, mc, D, D, D, packed_h.data() + c * mc_pad * D);
+      }
+    });
+    if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
+    const GradInputs gin_base{lse + s0, gl + s0, ge ? ge + s0 : nullptr, ge ? mean_z.data() + s0 : nullptr};
+
+    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      std::vector<T> dz(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kDzLd));
+      std::vector<T> dz_vnni(vnni ? static_cast<size_t>(vb_pad * kLd) : 0);
+      std::vector<T> wt(need_dh ? static_cast<size_t>(D * kWtLd) : 0);
+      std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+      std::vector<float> db_rows(kVocabBlock);
+      for (int64_t tid = t0; tid < t1; ++tid) {
+        float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
+        for (int64_t blk = part.begin(tid); blk < part.end(tid); ++blk) {
+          const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
+          const int64_t kv = vnni ? round_up2(vb) : vb;  // K of the dH GEMM
+          if (need_dh) Packer<T>::w_transposed(wp + v0 * D, vb, D, kv, kWtLd, wt.data());
+          std::fill(db_rows.begin(), db_rows.end(), 0.f);
+          for (int64_t c = 0; c < nchunks; ++c) {
+            const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed_ht.data() + c * D * kLd, tile.data(),
+                         vnni);
+            GradInputs gin = gin_base;
+            gin.lse += n0;
+            gin.g_logp += n0;
+            if (gin.g_ent) {
+              gin.g_ent += n0;
+              gin.mean_z += n0;
+            }
+            backward_tile<T>(tile.data(), vb, mc, bp, v0, tp + s0 + n0, tr, gin, need_db ? db_rows.data() : nullptr);
+            // dZ^T [vb, mc] in the GEMM dtype: A of the dW GEMM, B of the dH^T GEMM
+            const T* dzt;
+            if constexpr (std::is_same_v<T, float>) {
+              dzt = tile.data();
+            } else {
+              const int64_t kc = vnni ? round_up2(mc) : mc;
+              for (int64_t r = 0; r < vb; ++r) {
+                at::vec::convert(tile.data() + r * kLd, dz.data() + r * kDzLd, mc);
+                for (int64_t n = mc; n < kc; ++n) dz[r * kDzLd + n] = T(0.f);
+              }
+              dzt = dz.data();
+            }
+            const int64_t ld_dz = std::is_same_v<T, float> ? kLd : kDzLd;
+            if (need_dw) {
+              const T* bh = vnni ? packed_h.data() + c * mc_pad * D : hp + (s0 + n0) * D;
+              tile_gemm<T>(vb, D, vnni ? round_up2(mc) : mc, ld_dz, D, D, c > 0, dzt, bh, dw_tile.data(), vnni);
+            }
+            if (need_dh) {
+              const T* bz = dzt;
+              int64_t ldb = ld_dz;
+              if (vnni) {
+                Packer<T>::interleave_rows(dzt, vb, mc, ld_dz, kLd, dz_vnni.data());
+                bz = dz_vnni.data();
+                ldb = kLd;
+              }
+              tile_gemm<T>(D, mc, kv, kWtLd, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+            }
+          }
+          if (need_dw) {
+            flush_dw<T>(dw_tile.data(), vb, D, dwp + v0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + v0 * D, si == 0);
+          }
+          if (need_db)
+            for (int64_t r = 0; r < vb; ++r) db_acc[v0 + r] += db_rows[r];
+        }
+      }
+      if (vnni) at::native::cpublas::brgemm_release(true);
+    });
+
+    if (need_dh) {
+      // sum the threads' dH^T [D, sn] and transpose back to rows of dh, 16 tokens at a time
+      T* out = dh->data_ptr<T>() + s0 * D;
+      at::parallel_for(0, ceil_div(sn, 16), 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> rows(static_cast<size_t>(16 * D));
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t n0 = g * 16, cnt = std::min<int64_t>(16, sn - n0);
+          for (int64_t k = 0; k < D; ++k) {
+            float acc[16] = {0.f};
+            for (int64_t tid = 0; tid < nthreads; ++tid) {
+              const float* src = dht.data() + (tid * D + k) * s_ld + n0;
+              for (int64_t j = 0; j < cnt; ++j) acc[j] += src[j];
+            }
+            for (int64_t j = 0; j < cnt; ++j) rows[j * D + k] = acc[j];
+          }
+          for (int64_t j = 0; j < cnt; ++j) {
+            if constexpr (std::is_same_v<T, float>)
+              std::memcpy(out + (n0 + j) * D, rows.data() + j * D, D * sizeof(float));
+            else
+              at::vec::convert(rows.data() + j * D, out + (n0 + j) * D, D);
+          }
+        }
+      });
+    }
+  }
+  if (need_db) {
+    T* out = db->data_ptr<T>();
+    for (int64_t v = 0; v < V; ++v) out[v] = T(db_acc[v]);
+  }
+}
+
+void check_inputs(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t) {
+  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "grpo_kernels._C: expects h [N, D], w [V, D]");
+  TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && t.is_contiguous(), "grpo_kernels._C: inputs must be contiguous");
+  TORCH_CHECK(h.scalar_type() == w.scalar_type(), "grpo_kernels._C: h and w must share a dtype");
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == h.size(0), "grpo_kernels._C: t must be int64 [N]");
+  TORCH_CHECK(!b || (b->is_contiguous() && b->scalar_type() == w.scalar_type() && b->numel() == w.size(0)),
+              "grpo_kernels._C: b must be [V] with w's dtype");
+}
+
+}  // namespace
+
+#define GRPO_DISPATCH(dtype, ...)                                                    \
+  switch (dtype) {                                                                   \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }              \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }    \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }            \
+    default: TORCH_CHECK(false, "grpo_kernels._C: unsupported dtype ", dtype);       \
+  }
+
+void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+             const LogprobsOptions& opt, at::Tensor& logp, at::Tensor& lse, c10::optional<at::Tensor> entropy) {
+  check_inputs(h, w, b, t);
+  if (h.size(0) == 0) return;
+  GRPO_DISPATCH(h.scalar_type(), [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy); });
+}
+
+void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
+              const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
+              c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+  check_inputs(h, w, b, t);
+  TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
+  if (h.size(0) == 0) {
+    if (dw) dw->zero_();
+    if (db) db->zero_();
+    return;
+  }
+  GRPO_DISPATCH(h.scalar_type(),
+                [&] { backward_impl<scalar_t>(h, w, b, t, lse, entropy, g_logp, g_ent, opt, dh, dw, db); });
+}
+
+std::string gemm_path(at::ScalarType dtype, int64_t d) {
+  bool vnni = false;
+  GRPO_DISPATCH(dtype, [&] { vnni = use_vnni<scalar_t>(d); });
+  return vnni ? "amx-vnni" : "plain";
+}
+
+}  // namespace grpo_kernels

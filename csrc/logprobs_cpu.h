@@ -1,0 +1,38 @@
+// Streamed per-token log-probs and entropy on the CPU, without materializing [N, V] logits.
+//
+// Both passes walk the vocabulary in blocks of kVocabBlock rows (each thread owns a fixed range of
+// blocks) and the tokens in chunks of kTokenChunk, so one logits tile [kVocabBlock, kTokenChunk]
+// lives in a thread's L2 at a time. GEMM tiles run through ATen's brgemm micro-kernel with fp32
+// outputs: bf16 x bf16 -> fp32 on AMX at bf16 speed, so the logits keep fp32 accuracy.
+//
+// forward:  logits tile -> online max / sum-exp / sum p(z - max) per token -> logp, lse, entropy.
+// backward: per vocab block, for every token chunk: recompute the tile, form dLoss/dlogits, then
+//           dW_block += dZ^T H (fp32 tile, cast once) and dH^T += W_block^T dZ (fp32 per thread).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace grpo_kernels {
+
+struct LogprobsOptions {
+  double temperature = 1.0;
+  double softcap = 0.0;  // 0: no soft-capping
+};
+
+// h [N, D], w [V, D] (same dtype: float32, bfloat16 or float16), b [V] or None, t [N] int64 in [0, V).
+// Writes logp [N], lse [N] and, when given, entropy [N] (all float32).
+void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+             const LogprobsOptions& opt, at::Tensor& logp, at::Tensor& lse, c10::optional<at::Tensor> entropy);
+
+// Gradients of sum(g_logp * logp + g_ent * entropy) w.r.t. h, w and b, given the forward's lse (and
+// entropy when g_ent is given). Writes the outputs that are given: dh [N, D] like h, dw [V, D] like w,
+// db [V] like b.
+void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
+              const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
+              c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db);
+
+// Which GEMM path this machine takes for a dtype and hidden size: "amx-vnni" or "plain".
+std::string gemm_path(at::ScalarType dtype, int64_t d);
+
+}  // namespace grpo_kernels
