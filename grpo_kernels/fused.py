@@ -11,7 +11,9 @@ Objectives that need per-sequence or batch-wide quantities of the *current* log-
 any token's gradient is known take two passes (a forward-only pass for logp / entropy, then a
 gradient pass): GSPO's sequence-level ratio, vespo with old_logp (its gamma weight uses the
 sequence's summed log-ratio) and top_entropy_quantile < 1 (the entropy threshold is a batch
-quantile). On the C++ backend one pass costs three GEMMs per token chunk; two passes cost four.
+quantile). Backends without a one-pass schedule (the C++ one: see backends/cpu.py) always take
+the two passes; their forward pass is the logits GEMM and the gradient pass recomputes it before
+the dH and dW GEMMs (four GEMMs in all).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def _run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inputs: FusedLo
                          is_ratio=inputs.is_ratio, num_items_in_batch=inputs.num_items_in_batch, entropy=full(ent))
         return finish(out.loss, out.metrics, None, None, None)
 
-    if inputs.needs_two_passes():
+    if inputs.needs_two_passes() or not hasattr(impl, "forward_backward"):
         logp, ent, lse = impl.forward(h, weight, bias, t, params)
         lp_full = full(logp).requires_grad_(True)
         en_full = full(ent).requires_grad_(cfg.entropy_coef != 0.0)

@@ -70,9 +70,10 @@ def kl_divergence(logp: Tensor, ref: Tensor, estimator: str) -> Tensor:
     return -d
 
 
-def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Optional[Union[int, float, Tensor]] = None) -> Tensor:
+def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
     """Weights ``w`` such that the loss is ``sum(w * l)`` for per-token losses ``l`` ([B, T] -> [B, T])."""
-    m = mask.to(torch.float32)
+    m = mask.to(dtype)
     B = m.shape[0]
     lt = config.loss_type
     if lt in ("grpo", "sapo"):
@@ -83,7 +84,7 @@ def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Opti
         return m / float(B * config.max_completion_length)
     if lt == "luspo":
         return m / float(B)
-    return m / active_token_count(m, num_items_in_batch)
+    return m / active_token_count(m, num_items_in_batch).to(dtype)
 
 
 def active_token_count(mask: Tensor, num_items_in_batch: Optional[Union[int, float, Tensor]] = None) -> Tensor:
@@ -99,9 +100,9 @@ def active_token_count(mask: Tensor, num_items_in_batch: Optional[Union[int, flo
     if initialized:
         world = dist.get_world_size()
     if num_items_in_batch is not None:
-        n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+        n = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=mask.device)
         return (n / world).clamp(min=1.0)
-    total = mask.to(torch.float32).sum()
+    total = mask.to(torch.float64).sum()
     if initialized:
         total = total.clone()
         dist.all_reduce(total)
@@ -116,16 +117,23 @@ def vespo_weights(adv: Tensor, log_ratio: Tensor, mask: Tensor, is_ratio: Option
     importance ratio when given), computed in log space and clamped as TRL does. [B, 1] (or
     [B, T] with per-token advantages, whose sign picks k and lambda per token).
     """
-    m = mask.to(torch.float32)
+    dtype = torch.promote_types(log_ratio.dtype, torch.float32)
+    m = mask.to(dtype)
     lower = math.log(1e-8)
-    seq = (log_ratio.float().clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+    active = mask != 0
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    seq = (torch.where(active, log_ratio.to(dtype).clamp(-20.0, 20.0), zero) * m).sum(-1, keepdim=True)
     if is_ratio is not None:
-        log_is = torch.log(is_ratio.float()).clamp(lower, 20.0)
-        seq = seq + (log_is * m).sum(-1, keepdim=True) if log_is.shape[-1] != 1 else seq + log_is
+        log_is = torch.log(is_ratio.to(dtype)).clamp(lower, 20.0)
+        if log_is.shape[-1] == 1:
+            seq = seq + log_is
+        else:
+            seq = seq + (torch.where(active, log_is, zero) * m).sum(-1, keepdim=True)
     log_w = seq.clamp(lower, 20.0)
     nonneg = adv >= 0
-    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
-    lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    full = lambda v: torch.full(nonneg.shape, v, dtype=dtype, device=nonneg.device)  # noqa: E731
+    k = torch.where(nonneg, full(config.vespo_k_pos), full(config.vespo_k_neg))
+    lam = torch.where(nonneg, full(config.vespo_lambda_pos), full(config.vespo_lambda_neg))
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -168,7 +176,7 @@ def token_objective(
         per_token = -torch.clamp(r, max=cap).detach() * adv * logp
         high = (r > cap) & (adv > 0)
     elif lt == "sapo":
-        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(logp.dtype)
+        tau = torch.where(adv > 0, torch.full_like(adv, config.sapo_temperature_pos), torch.full_like(adv, config.sapo_temperature_neg))
         per_token = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * adv
     elif lt == "vespo":
         per_token = -ctx.phi.to(logp.dtype) * adv * logp
@@ -200,7 +208,7 @@ def token_objective(
     if ctx.entropy_w is not None:
         loss = loss - config.entropy_coef * (ctx.entropy_w.to(logp.dtype) * torch.where(active, entropy, zero)).sum()
 
-    mw = ctx.metric_w.to(torch.float32)
+    mw = ctx.metric_w
     sums: dict[str, Tensor] = {}
     with torch.no_grad():
         if kl is not None:
@@ -238,14 +246,19 @@ def validate_loss_inputs(
     B, T = logp_shape
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, (B, T), "the completion tokens")
+    check_float(fn, "advantages", advantages)
+    check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
+    if advantages.device != device:
+        raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
     if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
         raise ValueError(f"{fn}: mask must be finite (0/1 or non-negative weights)")
-    if bool((mask < 0).any()) if mask.dtype != torch.bool else False:
+    if mask.dtype != torch.bool and bool((mask < 0).any()):
         raise ValueError(f"{fn}: mask must be non-negative (0 for padding, 1 for completion tokens)")
-    check_float(fn, "advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"{fn}: advantages must be [B] = ({B},) per sequence or [B, T] = ({B}, {T}) per token; got {tuple(advantages.shape)}")
-    check_finite(fn, "advantages", advantages)
+    # only advantages that reach the loss must be finite: padding may hold anything
+    live = (mask != 0) if advantages.dim() == 2 else (mask != 0).any(-1)
+    check_finite(fn, "advantages", advantages[live])
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if x is not None:
             check_float(fn, name, x)
@@ -256,16 +269,14 @@ def validate_loss_inputs(
         check_float(fn, "is_ratio", is_ratio)
         if tuple(is_ratio.shape) not in ((B, T), (B,), (B, 1)):
             raise ValueError(f"{fn}: is_ratio must be [B, T] = ({B}, {T}), [B] or [B, 1]; got {tuple(is_ratio.shape)}")
-        check_finite(fn, "is_ratio", is_ratio)
-        if bool((is_ratio < 0).any()):
+        live_is = is_ratio[mask != 0] if is_ratio.shape == (B, T) else is_ratio.reshape(B)[(mask != 0).any(-1)]
+        check_finite(fn, "is_ratio", live_is)
+        if bool((live_is < 0).any()):
             raise ValueError(f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
     if num_items_in_batch is not None:
         n = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
         if not n > 0:
             raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
-    check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
-    if advantages.device != device:
-        raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
 
 
 def build_context(
@@ -279,11 +290,12 @@ def build_context(
     num_items_in_batch: Optional[Union[int, float, Tensor]],
     phi: Optional[Tensor] = None,
     entropy_mask: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> TokenContext:
-    """The per-token context over the full [B, T] grid (per-sequence tensors broadcast)."""
+    """The per-token context over the full [B, T] grid (per-sequence tensors broadcast); weights in dtype."""
     B, T = mask.shape
     active = mask != 0
-    m = mask.to(torch.float32)
+    m = mask.to(dtype)
     adv = advantages.reshape(B, 1).expand(B, T) if advantages.dim() == 1 else advantages
     isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B).expand(B, T)
     metric_w = m / m.sum().clamp(min=1.0)
@@ -295,7 +307,7 @@ def build_context(
         is_ratio=isr,
         phi=None if phi is None else phi.expand(B, T),
         entropy_mask=entropy_mask,
-        loss_w=reduction_weights(mask, config, num_items_in_batch),
+        loss_w=reduction_weights(mask, config, num_items_in_batch, dtype),
         metric_w=metric_w,
         entropy_w=metric_w if config.entropy_coef != 0.0 else None,
     )
@@ -367,7 +379,7 @@ def _grpo_loss(logp, advantages, mask, config, *, old_logp, ref_logp, is_ratio, 
     if config.top_entropy_quantile < 1.0:
         emask = top_entropy_mask(entropy.detach(), mask, config.top_entropy_quantile)
     ctx = build_context(mask, advantages, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
-                        num_items_in_batch=num_items_in_batch, phi=phi, entropy_mask=emask)
+                        num_items_in_batch=num_items_in_batch, phi=phi, entropy_mask=emask, dtype=logp.dtype)
     log_weight = None
     if config.importance_sampling_level == "sequence":
         log_weight = sequence_log_weight(logp, old, mask)
