@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from ._checks import check_tensor
 from .backends import LogprobsParams
 from .config import GRPOConfig
 from .logprobs import scatter_rows, validate_linear_inputs
@@ -141,7 +142,7 @@ def _run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inputs: FusedLo
         out = _grpo_loss(torch.zeros(B, T, device=hidden.device), inputs.advantages.float(), inputs.mask, cfg,
                          old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, is_ratio=inputs.is_ratio,
                          num_items_in_batch=inputs.num_items_in_batch, entropy=torch.zeros(B, T, device=hidden.device))
-        grads = (torch.zeros_like(hidden) if needs[0] else None, torch.zeros_like(weight) if needs[1] else None,
+        grads = (h.new_zeros(h.shape) if needs[0] else None, torch.zeros_like(weight) if needs[1] else None,
                  torch.zeros_like(bias) if needs[2] else None)
         return finish(zero + out.loss.detach(), out.metrics, *grads)
 
@@ -231,9 +232,10 @@ def fused_linear_grpo_loss(
     fn = "fused_linear_grpo_loss"
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
-    validate_linear_inputs(fn, hidden, weight, completion_ids, bias, config.temperature, config.logit_softcap, -100, backend)
+    check_tensor(fn, "hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"{fn}: hidden must be [B, T, D]; got shape {tuple(hidden.shape)}")
+    validate_linear_inputs(fn, hidden, weight, completion_ids, bias, config.temperature, config.logit_softcap, -100, backend)
     validate_loss_inputs(fn, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
                          is_ratio, num_items_in_batch)
     name = backends.resolve(backend, hidden.device)

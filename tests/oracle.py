@@ -53,6 +53,8 @@ def assert_close_to_oracle(
     With ``same_dtype=None`` the bound is the floor alone (for fp32/fp64 exactness checks).
     The default floor scales with the oracle's magnitude: 1e-5 * (1 + max|oracle|).
     """
+    ours, oracle = ours.detach(), oracle.detach()
+    same_dtype = None if same_dtype is None else same_dtype.detach()
     assert ours.shape == oracle.shape, f"{name}: shape {tuple(ours.shape)} != oracle {tuple(oracle.shape)}"
     o_fin, r_fin = torch.isfinite(ours), torch.isfinite(oracle)
     if not bool((o_fin == r_fin).all()):
