@@ -238,7 +238,7 @@ def fused_linear_grpo_loss(
     validate_linear_inputs(fn, hidden, weight, completion_ids, bias, config.temperature, config.logit_softcap, -100, backend)
     validate_loss_inputs(fn, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
                          is_ratio, num_items_in_batch)
-    name = backends.resolve(backend, hidden.device)
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
     backends.record(fn, name)
     params = LogprobsParams(config.temperature, config.logit_softcap, -100, True, name)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731

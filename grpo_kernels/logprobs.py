@@ -147,7 +147,7 @@ def linear_logprobs(
     validate_linear_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")
-    name = backends.resolve(backend, hidden.device)
+    name = backends.resolve(backend, hidden.device, hidden.dtype)
     backends.record(fn, name)
     params = LogprobsParams(float(temperature), None if softcap is None else float(softcap), ignore_index, return_entropy, name)
     lead = hidden.shape[:-1]

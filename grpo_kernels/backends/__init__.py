@@ -86,11 +86,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The backend that will run for tensors on ``device`` when ``name`` is requested."""
+def resolve(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that will run for ``dtype`` tensors on ``device`` when ``name`` is requested."""
     if name == "auto":
         name = os.environ.get("GRPO_KERNELS_BACKEND", "auto")
     if name == "auto":
+        if dtype == torch.float64:  # the kernels stop at fp32; float64 is for gradcheck and oracles
+            return "torch"
         if device.type == "cuda":
             if triton_available():
                 return "triton"
