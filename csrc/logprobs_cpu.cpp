@@ -30,9 +30,13 @@ constexpr int64_t kTokenChunk = 256;  // tokens per tile: below ~192 the tile GE
 constexpr int64_t kLd = kTokenChunk + 16;       // fp32 tile rows, packed H^T rows, VNNI dZ pair rows
 constexpr int64_t kDzLd = kTokenChunk + 32;     // 16-bit dZ^T rows
 constexpr int64_t kWtLd = kVocabBlock + 32;     // 16-bit W_block^T rows
-// All threads' fp32 dH^T accumulators of one super-chunk of tokens together stay below this, so
-// the backward's extra memory does not grow with N (dW then accumulates across super-chunks).
+constexpr int64_t kPairLd = kVocabBlock + 16;   // VNNI dZ pair rows and fp32 dW^T rows
+// All threads' per-token buffers of one super-chunk of tokens together stay below these, so the
+// extra memory does not grow with N (dW then accumulates across super-chunks).
 constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;
+constexpr int64_t kBackwardBudgetBytes = int64_t(96) << 20;
+// Vocab blocks whose dZ feed one dH GEMM: a longer K amortizes the GEMM's fp32 C traffic.
+constexpr int64_t kGroup = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up2(int64_t x) { return (x + 1) & ~int64_t(1); }
@@ -130,6 +134,23 @@ struct Packer {
         for (int64_t j = 0; j < n; ++j) out[j] = uint32_t(a[j]);
       }
     }
+  }
+
+  // B operand of the dW^T GEMM, dZ [mc, vb] in VNNI form, from dZ^T rows src[0..vb) (leading dim ld):
+  // 32-bit word (k, v) = (dZ^T[v][2k], dZ^T[v][2k + 1]); an odd mc pairs the last token with zero.
+  static void token_pairs(const T* src, int64_t vb, int64_t mc, int64_t ld, T* dst) {
+    const int64_t pairs = mc / 2;
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+    constexpr int64_t kB = 16;
+    for (int64_t v0 = 0; v0 < vb; v0 += kB)
+      for (int64_t k0 = 0; k0 < pairs; k0 += kB)
+        for (int64_t v = v0; v < std::min(vb, v0 + kB); ++v) {
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(s16 + v * ld);
+          for (int64_t k = k0; k < std::min(pairs, k0 + kB); ++k) o[k * kPairLd + v] = row[k];
+        }
+    if (mc % 2)
+      for (int64_t v = 0; v < vb; ++v) o[pairs * kPairLd + v] = uint32_t(s16[v * ld + mc - 1]);
   }
 
   // A operand of the dH GEMM, W_block^T [D, kv] (rows ld_out apart) from rows w[0..vb) of length d;
@@ -413,15 +434,16 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
     for (int64_t n = 0; n < N; ++n) mean_z[n] = lse[n] - ent[n];
   }
 
-  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kDhBudgetBytes / (nthreads * D * 4 * kTokenChunk)));
+  // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
+  const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
+  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kBackwardBudgetBytes / (per_token * kTokenChunk)));
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
-  const int64_t vb_pad = round_up2(kVocabBlock);
-  const int64_t mc_pad = round_up2(kTokenChunk);
+  const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
+  const int64_t wt_ld = kGroup * kVocabBlock + 32;
   std::vector<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
-  // B operand of the dW GEMM in VNNI form (pairs of tokens); the plain path reads h directly
-  std::vector<T> packed_h(vnni && need_dw ? static_cast<size_t>(nchunks_max * mc_pad * D) : 0);
-  const int64_t s_ld = S + 16;  // dH^T rows
+  // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
+  std::vector<T> ht(vnni && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
   std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
   std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
   std::vector<int8_t> dw_lo;
@@ -436,7 +458,9 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
         const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
         const T* hc = hp + (s0 + c * kTokenChunk) * D;
         Packer<T>::h_transposed(hc, mc, D, vnni, packed_ht.data() + c * D * kLd);
-        if (!packed_h.empty()) Packer<T>::interleave_rows(hc, mc, D, D, D, packed_h.data() + c * mc_pad * D);
+        if (!ht.empty())
+          for (int64_t k = 0; k < D; ++k)
+            for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
       }
     });
     if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
@@ -444,63 +468,77 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
-      std::vector<T> dz(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kDzLd));
-      std::vector<T> dz_vnni(vnni ? static_cast<size_t>(vb_pad * kLd) : 0);
-      std::vector<T> wt(need_dh ? static_cast<size_t>(D * kWtLd) : 0);
+      // dZ^T of a group of blocks for every token of the super-chunk, in the GEMM dtype
+      std::vector<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
+      std::vector<T> dz_vnni(vnni && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
+      std::vector<T> dz_pairs(vnni && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
+      std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
+      std::vector<float> dwt(vnni && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
       std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
-      std::vector<float> db_rows(kVocabBlock);
+      std::vector<float> db_rows(kGroup * kVocabBlock);
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
-        for (int64_t blk = part.begin(tid); blk < part.end(tid); ++blk) {
-          const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
-          const int64_t kv = vnni ? round_up2(vb) : vb;  // K of the dH GEMM
-          if (need_dh) Packer<T>::w_transposed(wp + v0 * D, vb, D, kv, kWtLd, wt.data());
+        for (int64_t g0 = part.begin(tid); g0 < part.end(tid); g0 += kGroup) {
+          const int64_t nb = std::min(kGroup, part.end(tid) - g0);
+          const int64_t v0 = g0 * kVocabBlock, gv = std::min(nb * kVocabBlock, V - v0);
+          const int64_t kv = vnni ? round_up2(gv) : gv;  // K of the dH GEMM
+          if (need_dh) Packer<T>::w_transposed(wp + v0 * D, gv, D, kv, wt_ld, wt.data());
           std::fill(db_rows.begin(), db_rows.end(), 0.f);
-          for (int64_t c = 0; c < nchunks; ++c) {
-            const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed_ht.data() + c * D * kLd, tile.data(),
-                         vnni);
-            GradInputs gin = gin_base;
-            gin.lse += n0;
-            gin.g_logp += n0;
-            if (gin.g_ent) {
-              gin.g_ent += n0;
-              gin.mean_z += n0;
-            }
-            backward_tile<T>(tile.data(), vb, mc, bp, v0, tp + s0 + n0, tr, gin, need_db ? db_rows.data() : nullptr);
-            // dZ^T [vb, mc] in the GEMM dtype: A of the dW GEMM, B of the dH^T GEMM
-            const T* dzt;
-            if constexpr (std::is_same_v<T, float>) {
-              dzt = tile.data();
-            } else {
-              const int64_t kc = vnni ? round_up2(mc) : mc;
-              for (int64_t r = 0; r < vb; ++r) {
-                at::vec::convert(tile.data() + r * kLd, dz.data() + r * kDzLd, mc);
-                for (int64_t n = mc; n < kc; ++n) dz[r * kDzLd + n] = T(0.f);
+          for (int64_t bi = 0; bi < nb; ++bi) {
+            const int64_t bv0 = v0 + bi * kVocabBlock, vb = std::min(kVocabBlock, V - bv0);
+            T* dzt_block = dzt.data() + bi * kVocabBlock * s_ld;
+            for (int64_t c = 0; c < nchunks; ++c) {
+              const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+              GradInputs gin = gin_base;
+              gin.lse += n0;
+              gin.g_logp += n0;
+              if (gin.g_ent) {
+                gin.g_ent += n0;
+                gin.mean_z += n0;
               }
-              dzt = dz.data();
+              tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
+                           vnni);
+              backward_tile<T>(tile.data(), vb, mc, bp, bv0, tp + s0 + n0, tr, gin,
+                               need_db ? db_rows.data() + bi * kVocabBlock : nullptr);
+              for (int64_t r = 0; r < vb; ++r) {
+                if constexpr (std::is_same_v<T, float>)
+                  std::memcpy(dzt_block + r * s_ld + n0, tile.data() + r * kLd, mc * sizeof(float));
+                else
+                  at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
+              }
+              if (vnni && need_dw) {
+                // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
+                Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
+                tile_gemm<T>(D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0, dz_pairs.data(),
+                             dwt.data(), true);
+              }
             }
-            const int64_t ld_dz = std::is_same_v<T, float> ? kLd : kDzLd;
             if (need_dw) {
-              const T* bh = vnni ? packed_h.data() + c * mc_pad * D : hp + (s0 + n0) * D;
-              tile_gemm<T>(vb, D, vnni ? round_up2(mc) : mc, ld_dz, D, D, c > 0, dzt, bh, dw_tile.data(), vnni);
-            }
-            if (need_dh) {
-              const T* bz = dzt;
-              int64_t ldb = ld_dz;
               if (vnni) {
-                Packer<T>::interleave_rows(dzt, vb, mc, ld_dz, kLd, dz_vnni.data());
+                for (int64_t k = 0; k < D; ++k)
+                  for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
+              } else {
+                tile_gemm<T>(vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
+              }
+              flush_dw<T>(dw_tile.data(), vb, D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
+                          si == 0);
+            }
+          }
+          if (need_dh) {
+            for (int64_t c = 0; c < nchunks; ++c) {
+              const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+              const T* bz = dzt.data() + n0;
+              int64_t ldb = s_ld;
+              if (vnni) {
+                Packer<T>::interleave_rows(bz, gv, mc, s_ld, kLd, dz_vnni.data());
                 bz = dz_vnni.data();
                 ldb = kLd;
               }
-              tile_gemm<T>(D, mc, kv, kWtLd, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+              tile_gemm<T>(D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
             }
           }
-          if (need_dw) {
-            flush_dw<T>(dw_tile.data(), vb, D, dwp + v0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + v0 * D, si == 0);
-          }
           if (need_db)
-            for (int64_t r = 0; r < vb; ++r) db_acc[v0 + r] += db_rows[r];
+            for (int64_t r = 0; r < gv; ++r) db_acc[v0 + r] += db_rows[r];
         }
       }
       if (vnni) at::native::cpublas::brgemm_release(true);
