@@ -1,0 +1,578 @@
+"""The benchmark problems and the providers that solve them, in one place.
+
+Both the pytest-benchmark suites (``test_bench_*.py``) and the table script (``run.py``) take their
+cases, inputs and provider callables from here, so the two can never time different things.
+
+Vocabulary:
+
+- an *op* is what is timed: ``logprobs_fwd`` (old/ref log-probs, forward only, under no_grad),
+  ``logprobs_fwd_bwd`` (forward + backward of ``sum(logp * g)`` w.r.t. hidden and weight) or
+  ``grpo_fwd_bwd`` (hidden [B, T, D] -> GRPO loss -> backward w.r.t. hidden and weight);
+- a :class:`Case` is an op at one dtype and one size (N tokens, or B x T for the GRPO loss) of the
+  Qwen2.5-0.5B head (D = 896, V = 151936);
+- a :class:`Provider` turns a case and its :class:`Inputs` into a zero-argument callable that runs
+  the op once and returns the tensors a user would keep (the log-probs, or the gradients). The
+  callable is what gets timed; what it returns is subtracted from the measured peak memory.
+
+The ``gemm-floor`` provider runs only the GEMMs the op cannot avoid (into preallocated outputs), so
+``time / floor`` says how close a provider is to the machine's matrix-multiply speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+import grpo_kernels as gk
+from grpo_kernels import reference
+
+# ---------------------------------------------------------------------------------------------------
+# The problems
+# ---------------------------------------------------------------------------------------------------
+
+D = 896  # Qwen2.5-0.5B hidden size
+V = 151936  # Qwen2.5-0.5B vocabulary (the LM head's rows)
+
+OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "grpo_fwd_bwd")
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_DTYPES = ("bf16", "fp32")
+
+Size = Union[int, tuple[int, int]]  # N tokens (log-prob ops) or (B, T) (GRPO loss)
+LOGPROBS_SIZES: tuple[int, ...] = (1024, 4096, 16384)
+GRPO_SIZES: tuple[tuple[int, int], ...] = ((8, 512), (4, 2048), (16, 1024))
+# The smoke-test subset: one small size per op, about a second per bf16 run.
+QUICK_LOGPROBS_SIZES: tuple[int, ...] = (1024,)
+QUICK_GRPO_SIZES: tuple[tuple[int, int], ...] = ((2, 512),)
+
+# The benchmarked loss: DAPO token-level normalization with the KL term on, old and ref log-probs given
+# (the off-policy, beta != 0 case that needs every input a GRPO step has).
+GRPO_CONFIG = gk.GRPOConfig(loss_type="dapo", beta=0.04)
+
+# Tokens of the priming call the memory run makes before it reads its baseline (see run.py).
+PRIME_TOKENS = 16
+
+
+def quick_from_env() -> bool:
+    """BENCH_QUICK=1 restricts the suites to the smoke-test sizes."""
+    return os.environ.get("BENCH_QUICK", "0") not in ("", "0", "false", "False")
+
+
+def parse_size(text: str) -> Size:
+    """'1024' -> 1024; '8x512' (or '8×512') -> (8, 512)."""
+    t = text.strip().lower().replace("×", "x")
+    if "x" in t:
+        b, s = t.split("x", 1)
+        return (int(b), int(s))
+    return int(t)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one dtype and size. ``d`` and ``v`` default to the Qwen2.5-0.5B head."""
+
+    op: str
+    dtype: str
+    size: Size
+    d: int = D
+    v: int = V
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; expected one of {OPS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.op == "grpo_fwd_bwd" and not isinstance(self.size, tuple):
+            raise ValueError(f"grpo_fwd_bwd needs a B x T size; got {self.size!r}")
+        if self.op != "grpo_fwd_bwd" and isinstance(self.size, tuple):
+            raise ValueError(f"{self.op} needs a token count N; got {self.size!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.size[0] * self.size[1] if isinstance(self.size, tuple) else self.size
+
+    @property
+    def size_id(self) -> str:
+        """'N1024' or '8x512': the size part of a test id (a plain word, so ``-k`` can select it)."""
+        return f"{self.size[0]}x{self.size[1]}" if isinstance(self.size, tuple) else f"N{self.size}"
+
+    @property
+    def size_label(self) -> str:
+        """The row label of the tables."""
+        return f"{self.size[0]}×{self.size[1]}" if isinstance(self.size, tuple) else str(self.size)
+
+    @property
+    def backward(self) -> bool:
+        return self.op != "logprobs_fwd"
+
+    @property
+    def is_quick(self) -> bool:
+        sizes = QUICK_GRPO_SIZES if self.op == "grpo_fwd_bwd" else QUICK_LOGPROBS_SIZES
+        return self.size in sizes
+
+    def test_id(self, provider: str) -> str:
+        """op-provider-dtype-size, e.g. ``logprobs_fwd_bwd-ours-bf16-N1024``."""
+        return f"{self.op}-{provider}-{self.dtype}-{self.size_id}"
+
+    def gemm_flops(self) -> float:
+        """FLOPs of the GEMMs the op needs (one for forward-only, three with the backward)."""
+        return (3 if self.backward else 1) * 2.0 * self.n_tokens * self.d * self.v
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "dtype": self.dtype, "size": list(self.size) if isinstance(self.size, tuple) else self.size,
+                "d": self.d, "v": self.v}
+
+    @staticmethod
+    def from_json(obj: dict) -> "Case":
+        size = obj["size"]
+        return Case(obj["op"], obj["dtype"], tuple(size) if isinstance(size, list) else size, obj.get("d", D), obj.get("v", V))
+
+    def narrowed(self, tokens: int) -> "Case":
+        """The same op on only ``tokens`` tokens (1 x tokens for the GRPO loss)."""
+        return Case(self.op, self.dtype, (1, tokens) if isinstance(self.size, tuple) else tokens, self.d, self.v)
+
+
+def default_sizes(op: str, quick: bool) -> tuple[Size, ...]:
+    if op == "grpo_fwd_bwd":
+        return QUICK_GRPO_SIZES if quick else GRPO_SIZES
+    return QUICK_LOGPROBS_SIZES if quick else LOGPROBS_SIZES
+
+
+def grid(ops: tuple[str, ...] = OPS, dtypes: tuple[str, ...] = DEFAULT_DTYPES, sizes: Optional[list[Size]] = None,
+         quick: bool = False) -> list[Case]:
+    """The cases of ops x dtypes x sizes, op-major then dtype then size (the order of the tables).
+
+    ``sizes`` mixes both kinds: ints go to the log-prob ops, (B, T) pairs to the GRPO loss; an op for
+    which ``sizes`` holds none of its kind keeps its default sizes (the quick ones when ``quick``).
+    """
+    out = []
+    for op in ops:
+        want_pairs = op == "grpo_fwd_bwd"
+        mine = [s for s in (sizes or []) if isinstance(s, tuple) == want_pairs]
+        for dtype in dtypes:
+            for size in mine or default_sizes(op, quick):
+                out.append(Case(op, dtype, size))
+    return out
+
+
+def suite_cases(ops: tuple[str, ...]) -> list[Case]:
+    """The pytest suites' cases: the quick sizes always, the full grid unless BENCH_QUICK=1."""
+    quick = quick_from_env()
+    out = []
+    for op in ops:
+        sizes = list(default_sizes(op, True)) + ([] if quick else [s for s in default_sizes(op, False)
+                                                                  if s not in default_sizes(op, True)])
+        for dtype in DEFAULT_DTYPES:
+            out.extend(Case(op, dtype, s) for s in sizes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """The tensors of one case. Shapes: log-prob ops [N, ...]; the GRPO loss [B, T, ...].
+
+    hidden and weight are leaves that require grad exactly when the op has a backward, so each
+    provider differentiates w.r.t. the same two tensors and returns (dhidden, dweight).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    grad_logp: Optional[Tensor] = None  # logprobs_fwd_bwd: the upstream gradient g of sum(logp * g)
+    mask: Optional[Tensor] = None  # grpo_fwd_bwd from here on
+    advantages: Optional[Tensor] = None
+    old_logp: Optional[Tensor] = None
+    ref_logp: Optional[Tensor] = None
+
+    def narrowed(self, tokens: int) -> "Inputs":
+        """The first ``tokens`` tokens (of the first sequence for the GRPO loss), sharing the weight."""
+        def cut(x: Optional[Tensor]) -> Optional[Tensor]:
+            if x is None:
+                return None
+            return x[:1, :tokens] if x.dim() >= 2 and self.mask is not None else x[:tokens]
+
+        h = cut(self.hidden).detach().requires_grad_(self.hidden.requires_grad)
+        adv = None if self.advantages is None else self.advantages[:1]
+        return Inputs(h, self.weight, cut(self.targets), cut(self.grad_logp), cut(self.mask), adv,
+                      cut(self.old_logp), cut(self.ref_logp))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
+
+
+# The LM head's scale: with hidden ~ N(0, 1) after the final norm and weights ~ N(0, 0.02^2) the logits
+# have std ~0.6, in the range of a real model's (and far from bf16/fp32 overflow or denormals).
+WEIGHT_STD = 0.02
+
+
+def make_inputs(case: Case, seed: int = 0) -> Inputs:
+    """Random inputs of ``case``, the same for every provider (same seed -> same tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    dt = case.torch_dtype
+    n = case.n_tokens
+    lead = case.size if isinstance(case.size, tuple) else (n,)
+    weight = (torch.randn(case.v, case.d, generator=g) * WEIGHT_STD).to(dt)
+    hidden = torch.randn(*lead, case.d, generator=g).to(dt)
+    targets = torch.randint(0, case.v, lead, generator=g)
+    weight.requires_grad_(case.backward)
+    hidden.requires_grad_(case.backward)
+    inp = Inputs(hidden, weight, targets)
+    if case.op == "logprobs_fwd_bwd":
+        inp.grad_logp = torch.randn(n, generator=g)
+    if case.op == "grpo_fwd_bwd":
+        B, T = case.size
+        # Every position is a completion token: each provider then does the full N x V work and the
+        # floor's N is exact (padding would let the kernels that skip masked tokens look faster).
+        inp.mask = torch.ones(B, T)
+        inp.advantages = torch.randn(B, generator=g)
+        # old/ref log-probs close to the current policy's, so the ratios sit near 1 and a few tokens clip,
+        # as in a real step. Computing the true log-probs would cost a full forward per subprocess; with
+        # i.i.d. N(0, s^2) weights, logsumexp over V rows is log V + ||h||^2 s^2 / 2 to a tiny error, so
+        # logp is approximated from the target logit alone (O(N D) work).
+        with torch.no_grad():
+            h32 = hidden.detach().float()
+            z_t = (h32 * weight.detach()[targets].float()).sum(-1)
+            lse = math.log(case.v) + h32.pow(2).sum(-1) * WEIGHT_STD ** 2 / 2
+            logp = z_t - lse
+            inp.old_logp = logp + 0.1 * torch.randn(B, T, generator=g)
+            inp.ref_logp = logp + 0.1 * torch.randn(B, T, generator=g)
+    return inp
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def output_bytes(outputs: tuple[Tensor, ...]) -> int:
+    """Bytes of the distinct storages behind the tensors a provider returned (what the user keeps)."""
+    seen: dict[int, int] = {}
+    for t in outputs:
+        if isinstance(t, Tensor):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------------
+
+Fn = Callable[[], tuple[Tensor, ...]]
+# hidden [N, D], weight [V, D], targets [N] -> logp [N] (float32, differentiable)
+LogprobsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# the case's inputs -> scalar GRPO loss (differentiable w.r.t. inputs.hidden and inputs.weight)
+GRPOFn = Callable[[Inputs], Tensor]
+
+
+def _grads(loss: Tensor, inp: Inputs) -> tuple[Tensor, ...]:
+    # autograd.grad, not .backward(): nothing accumulates into .grad between repetitions.
+    return tuple(torch.autograd.grad(loss, (inp.hidden, inp.weight)))
+
+
+def _composed_grpo(logprobs: LogprobsFn) -> GRPOFn:
+    """A peer that only gives log-probs: its log-probs, then grpo_kernels' policy-loss math on top.
+
+    That is what a TRL-style trainer does with such a kernel; the loss math is O(N) and costs nothing
+    next to the head. (No entropy is computed: these peers have no entropy output.)
+    """
+    def loss(inp: Inputs) -> Tensor:
+        B, T, Dh = inp.hidden.shape
+        logp = logprobs(inp.hidden.reshape(B * T, Dh), inp.weight, inp.targets.reshape(-1)).reshape(B, T)
+        return gk.grpo_loss(logp, inp.advantages, inp.mask, GRPO_CONFIG, old_logp=inp.old_logp,
+                            ref_logp=inp.ref_logp).loss
+    return loss
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way of computing the ops.
+
+    Attributes:
+        name: column name and the provider part of test ids.
+        description: one line for the README / JSON.
+        logprobs: the log-prob function, for the two log-prob ops (None: not offered).
+        grpo: the GRPO-loss function (None: not offered).
+        requires: modules that must import, else the provider is "n/a (not installed)".
+        probe: optional check run once on a tiny problem; it raises where the provider cannot run here
+            (for example Triton kernels without a GPU driver) and its message becomes the n/a reason.
+        probe_hint: what the probe failing usually means, put before the exception in the reason.
+        logit_bytes: per op, (a, b): estimated extra peak bytes per element of the [N, V] logits are
+            ``a * element_size + b``, for the --max-gb skip (materializing paths hold several [N, V]
+            buffers: the GEMM output in the inputs' dtype plus float32 copies; streaming ones ~0).
+        weight_bytes: estimated extra peak bytes per element of the [V, D] weight (fp32 dW accumulators).
+        backend_ops: per op, the grpo_kernels op whose ``last_backend`` names the backend that ran
+            (providers built on the library only).
+        is_floor: the GEMM floor: no log-prob or loss function, its own callable (:func:`_build_floor`).
+    """
+
+    name: str
+    description: str
+    logprobs: Optional[LogprobsFn] = None
+    grpo: Optional[GRPOFn] = None
+    requires: tuple[str, ...] = ()
+    probe: Optional[Callable[[], None]] = None
+    probe_hint: str = ""
+    logit_bytes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    weight_bytes: dict[str, float] = field(default_factory=dict)
+    backend_ops: dict[str, str] = field(default_factory=dict)
+    is_floor: bool = False
+
+    def supports(self, op: str) -> bool:
+        if self.is_floor:
+            return True
+        return self.grpo is not None if op == "grpo_fwd_bwd" else self.logprobs is not None
+
+    def unavailable(self) -> Optional[str]:
+        """None when the provider runs here, else why not (cached: imports and probes run once)."""
+        return _unavailable(self.name)
+
+    def build(self, case: Case, inp: Inputs) -> Fn:
+        """The callable that runs ``case`` once; preallocation (the floor's outputs) happens here."""
+        if self.is_floor:
+            return _build_floor(case, inp)
+        if case.op == "grpo_fwd_bwd":
+            grpo = self.grpo
+            return lambda: _grads(grpo(inp), inp)
+        logprobs = self.logprobs
+        if case.op == "logprobs_fwd":
+            def fwd() -> tuple[Tensor, ...]:
+                with torch.no_grad():
+                    return (logprobs(inp.hidden, inp.weight, inp.targets),)
+            return fwd
+        return lambda: _grads((logprobs(inp.hidden, inp.weight, inp.targets) * inp.grad_logp).sum(), inp)
+
+    def backend(self, op: str) -> Optional[str]:
+        """Which grpo_kernels backend ran the last call of ``op`` (providers built on the library)."""
+        key = self.backend_ops.get(op)
+        return gk.last_backend(key) if key else None
+
+    def estimate_extra_bytes(self, case: Case) -> int:
+        """Rough extra peak bytes (above inputs and returned outputs), for the --max-gb skip."""
+        el = element_size(case.torch_dtype)
+        a, b = (1.0, 0.0) if self.is_floor else self.logit_bytes.get(case.op, (0.0, 0.0))
+        per_logit = a * el + b  # the floor: one [N, V] buffer in the inputs' dtype
+        return int(per_logit * case.n_tokens * case.v + self.weight_bytes.get(case.op, 0.0) * case.v * case.d)
+
+
+def estimate_total_bytes(case: Case, provider: Provider) -> int:
+    """Inputs + returned outputs + the provider's estimated extra: what the process must hold at peak."""
+    el = element_size(case.torch_dtype)
+    inputs = (case.n_tokens + case.v) * case.d * el
+    outputs = inputs if case.backward else case.n_tokens * 4
+    return inputs + outputs + provider.estimate_extra_bytes(case)
+
+
+def _build_floor(case: Case, inp: Inputs) -> Fn:
+    """The GEMMs the op cannot avoid, into outputs allocated here (outside the timed call).
+
+    forward-only: logits [N, V] = H @ W^T. With the backward, two more: dH = dlogits @ W and
+    dW = dlogits^T @ H; the logits buffer doubles as dlogits (the values do not change a GEMM's speed,
+    and a second [N, V] buffer would not fit the largest fp32 cases in memory).
+    """
+    h = inp.hidden.detach().reshape(-1, case.d)
+    w = inp.weight.detach()
+    logits = torch.empty(h.shape[0], case.v, dtype=h.dtype)
+    if not case.backward:
+        def fwd() -> tuple[Tensor, ...]:
+            torch.mm(h, w.t(), out=logits)
+            return ()
+        return fwd
+    dh = torch.empty_like(h)
+    dw = torch.empty_like(w)
+
+    def fwd_bwd() -> tuple[Tensor, ...]:
+        torch.mm(h, w.t(), out=logits)
+        torch.mm(logits, w, out=dh)
+        torch.mm(logits.t(), h, out=dw)
+        return (dh, dw)  # the gradients a real op would return: not counted as extra memory
+    return fwd_bwd
+
+
+# --- ours ------------------------------------------------------------------------------------------
+
+def _ours_logprobs(backend: str) -> LogprobsFn:
+    return lambda h, w, t: gk.linear_logprobs(h, w, t, backend=backend)
+
+
+def _ours_grpo(backend: str) -> GRPOFn:
+    def loss(inp: Inputs) -> Tensor:
+        return gk.fused_linear_grpo_loss(inp.hidden, inp.weight, inp.targets, inp.mask, inp.advantages, GRPO_CONFIG,
+                                         old_logp=inp.old_logp, ref_logp=inp.ref_logp, backend=backend).loss
+    return loss
+
+
+# --- the materializing path (grpo_kernels.reference in the inputs' dtype) -----------------------------
+
+def _materialize_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    return reference.linear_logprobs(h, w, t)  # compute_dtype=None: the inputs' dtype, as TRL does
+
+
+def _materialize_grpo(inp: Inputs) -> Tensor:
+    return reference.fused_linear_grpo_loss(inp.hidden, inp.weight, inp.targets, inp.mask, inp.advantages, GRPO_CONFIG,
+                                            old_logp=inp.old_logp, ref_logp=inp.ref_logp).loss
+
+
+# --- liger-kernel ----------------------------------------------------------------------------------
+
+def _liger_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    # The chunked selective-log-prob path LigerFusedLinearGRPOLoss runs per chunk (pure PyTorch with a
+    # custom backward that recomputes logits per vocab chunk), exposed as a static method of its PPO base.
+    from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+
+    return LigerFusedLinearPPOBase.chunk_forward(h.unsqueeze(0), w, t.unsqueeze(0)).reshape(-1)
+
+
+def _liger_grpo(inp: Inputs) -> Tensor:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    cfg = GRPO_CONFIG
+    eps_high = cfg.epsilon_low if cfg.epsilon_high is None else cfg.epsilon_high
+    # compiled=False: torch.compile of the loss math is a GPU-oriented option; on CPU it only adds compile
+    # time. chunk_size stays at Liger's default (1 sequence per chunk), as TRL uses it.
+    crit = LigerFusedLinearGRPOLoss(beta=cfg.beta, compiled=False, use_ref_model=True, loss_type=cfg.loss_type,
+                                    epsilon_low=cfg.epsilon_low, epsilon_high=eps_high, temperature=cfg.temperature)
+    loss, _metrics = crit(inp.hidden, inp.weight, inp.targets, inp.mask, inp.advantages,
+                          ref_per_token_logps=inp.ref_logp, old_per_token_logps=inp.old_logp)
+    return loss
+
+
+def _liger_flce_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    # Liger's public fused linear cross-entropy (Triton kernels): per-token CE = -logp.
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h, t).float()
+
+
+# --- cut-cross-entropy -----------------------------------------------------------------------------
+
+def _cce_impl(device: torch.device) -> str:
+    # The "cce" impl is Triton (GPU only); "torch_compile" is CCE's portable implementation.
+    return "cce" if device.type == "cuda" else "torch_compile"
+
+
+def _cce_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(h, w, t, reduction="none", impl=_cce_impl(h.device)).float()
+
+
+def _probe(logprobs: LogprobsFn) -> Callable[[], None]:
+    """Run ``logprobs`` forward and backward on a tiny problem (raises where it cannot run here)."""
+    def probe() -> None:
+        h = torch.randn(8, 64, requires_grad=True)
+        w = (torch.randn(256, 64) * WEIGHT_STD).requires_grad_(True)
+        t = torch.randint(0, 256, (8,))
+        logprobs(h, w, t).sum().backward()
+    return probe
+
+
+# Extra-memory estimates: measured extra peak of the quick run (N = 1024, bf16 and fp32, on the project's
+# CPU) divided by N x V (or V x D for weight-sized buffers) and rounded up, everything attributed to the
+# bigger term so larger N errs on the safe side. They only decide what --max-gb skips.
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("gemm-floor", "the op's GEMMs only (1 forward, 3 with backward) into preallocated outputs, torch.mm(out=)",
+             is_floor=True),
+    Provider("ours", "grpo_kernels, backend='auto' (C++ grpo_kernels._C on CPU, Triton on CUDA)",
+             logprobs=_ours_logprobs("auto"), grpo=_ours_grpo("auto"),
+             backend_ops={"logprobs_fwd": "linear_logprobs", "logprobs_fwd_bwd": "linear_logprobs",
+                          "grpo_fwd_bwd": "fused_linear_grpo_loss"}),
+    Provider("ours-torch", "grpo_kernels, backend='torch' (chunked PyTorch, the portable fallback)",
+             logprobs=_ours_logprobs("torch"), grpo=_ours_grpo("torch"),
+             # measured 8.4 / 4.5 bytes per weight element with backward (bf16 / fp32), ~70-100 MB forward
+             weight_bytes={"logprobs_fwd": 0.8, "logprobs_fwd_bwd": 8.5, "grpo_fwd_bwd": 8.5},
+             backend_ops={"logprobs_fwd": "linear_logprobs", "logprobs_fwd_bwd": "linear_logprobs",
+                          "grpo_fwd_bwd": "fused_linear_grpo_loss"}),
+    Provider("materialize", "grpo_kernels.reference in the inputs' dtype: logits -> log_softmax -> gather (-> loss), autograd",
+             logprobs=_materialize_logprobs, grpo=_materialize_grpo,
+             # measured 8.0 / 8.2 (fwd) and 18.2 / 16.7 (fwd_bwd, grpo) bytes per logit in bf16 / fp32
+             logit_bytes={"logprobs_fwd": (0, 8.5), "logprobs_fwd_bwd": (0, 18.5), "grpo_fwd_bwd": (0, 18.5)}),
+    Provider("liger", "liger-kernel: LigerFusedLinearGRPOLoss(compiled=False) for the loss; its chunked selective "
+             "log-prob path (LigerFusedLinearPPOBase.chunk_forward) for log-probs",
+             logprobs=_liger_logprobs, grpo=_liger_grpo, requires=("liger_kernel",),
+             # fp32 dW accumulators: measured 4.1 / 0.7 (fwd_bwd) and 6.1 / 4.4 (grpo) bytes per weight element
+             weight_bytes={"logprobs_fwd": 0.6, "logprobs_fwd_bwd": 4.5, "grpo_fwd_bwd": 6.5}),
+    Provider("liger-flce", "liger-kernel: LigerFusedLinearCrossEntropyLoss(reduction='none') (Triton), -CE = logp",
+             logprobs=_liger_flce_logprobs, requires=("liger_kernel",), probe=_probe(_liger_flce_logprobs),
+             probe_hint="Triton kernels, no GPU here",
+             weight_bytes={"logprobs_fwd_bwd": 4}),
+    Provider("cce", "cut-cross-entropy: linear_cross_entropy(reduction='none', impl='torch_compile' on CPU), -CE = logp; "
+             "grpo_kernels.grpo_loss on top for the loss",
+             logprobs=_cce_logprobs, grpo=_composed_grpo(_cce_logprobs), requires=("cut_cross_entropy",),
+             # one [N, V] buffer in the inputs' dtype: measured 2.0-2.2 (bf16) and 4.2-4.4 (fp32) bytes per logit
+             logit_bytes={"logprobs_fwd": (1, 0.5), "logprobs_fwd_bwd": (1, 0.5), "grpo_fwd_bwd": (1, 0.5)}),
+)}
+
+
+def providers_for(op: str, names: Optional[list[str]] = None) -> list[Provider]:
+    """The providers offering ``op`` (all of them, or those in ``names``), in the tables' column order."""
+    return [p for p in PROVIDERS.values() if p.supports(op) and (names is None or p.name in names)]
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+@lru_cache(maxsize=None)
+def _unavailable(name: str) -> Optional[str]:
+    p = PROVIDERS[name]
+    for mod in p.requires:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # ImportError, or a broken install raising anything on import
+            return f"not installed ({_one_line(exc)})" if isinstance(exc, ImportError) else f"import failed: {_one_line(exc)}"
+    if p.probe is not None:
+        try:
+            p.probe()
+        except Exception as exc:
+            return f"{p.probe_hint}: {_one_line(exc)}" if p.probe_hint else _one_line(exc)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Agreement check: a benchmark of a wrongly wired provider is meaningless
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_provider(provider: Provider, op: str, seed: int = 0) -> float:
+    """Max relative error of the provider's outputs vs the float64 oracle on a tiny fp32 problem.
+
+    Catches API misuse (sign of a cross-entropy, a wrong loss option) before hours of timing. The
+    outputs are the log-probs (forward-only) or (dhidden, dweight); errors are relative to each
+    tensor's max magnitude.
+    """
+    size: Size = (2, 32) if op == "grpo_fwd_bwd" else 64
+    case = Case(op, "fp32", size, d=64, v=1000)
+    inp = make_inputs(case, seed)
+    got = provider.build(case, inp)()
+    h64 = inp.hidden.detach().double().requires_grad_(case.backward)
+    w64 = inp.weight.detach().double().requires_grad_(case.backward)
+    if op == "grpo_fwd_bwd":
+        loss = reference.fused_linear_grpo_loss(h64, w64, inp.targets, inp.mask, inp.advantages, GRPO_CONFIG,
+                                                old_logp=inp.old_logp, ref_logp=inp.ref_logp,
+                                                compute_dtype=torch.float64).loss
+        want = torch.autograd.grad(loss, (h64, w64))
+    elif op == "logprobs_fwd_bwd":
+        logp = reference.linear_logprobs(h64, w64, inp.targets, compute_dtype=torch.float64)
+        want = torch.autograd.grad((logp * inp.grad_logp.double()).sum(), (h64, w64))
+    else:
+        want = (reference.linear_logprobs(h64, w64, inp.targets, compute_dtype=torch.float64),)
+    err = 0.0
+    for g, w in zip(got, want):
+        err = max(err, float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)))
+    return err
