@@ -6,26 +6,29 @@
 
 namespace {
 
-grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap) {
+grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap, int64_t super_chunk) {
   grpo_kernels::LogprobsOptions o;
   o.temperature = temperature;
   o.softcap = softcap.value_or(0.0);
+  o.super_chunk = super_chunk;
   return o;
 }
 
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
-             double temperature, c10::optional<double> softcap, at::Tensor logp, at::Tensor lse,
+             double temperature, c10::optional<double> softcap, int64_t super_chunk, at::Tensor logp, at::Tensor lse,
              c10::optional<at::Tensor> entropy) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::forward(h, w, b, t, options(temperature, softcap), logp, lse, entropy);
+  grpo_kernels::forward(h, w, b, t, options(temperature, softcap, super_chunk), logp, lse, entropy);
 }
 
 void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
               const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
               const c10::optional<at::Tensor>& g_ent, double temperature, c10::optional<double> softcap,
-              c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+              int64_t super_chunk, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
+              c10::optional<at::Tensor> db) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap), dh, dw, db);
+  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap, super_chunk), dh, dw,
+                         db);
 }
 
 }  // namespace
@@ -34,10 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grpo_kernels C++ CPU kernels: streamed per-token log-probs, entropy and their gradients";
   m.def("forward", &forward, "logp, lse (and entropy) of targets without materializing logits",
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+        py::arg("super_chunk"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
   m.def("backward", &backward, "dh, dw, db of sum(g_logp * logp + g_ent * entropy)", py::arg("h"), py::arg("w"),
         py::arg("b"), py::arg("t"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_ent"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("dh"), py::arg("dw"), py::arg("db"));
+        py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("dh"), py::arg("dw"),
+        py::arg("db"));
   m.def("gemm_path", &grpo_kernels::gemm_path, "GEMM path for a dtype and hidden size: 'amx-vnni' or 'plain'");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

@@ -327,6 +327,13 @@ void flush_dw(const float* tile, int64_t vb, int64_t d, T* out, int8_t* lo, bool
   }
 }
 
+// Tokens per super-chunk: whole token chunks whose per-token buffers fit the budget (or the override).
+int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_per_token, int64_t budget) {
+  const int64_t chunks = opt.super_chunk > 0 ? ceil_div(opt.super_chunk, kTokenChunk)
+                                             : std::max<int64_t>(1, budget / (bytes_per_token * kTokenChunk));
+  return std::min(n, chunks * kTokenChunk);
+}
+
 struct Partition {
   int64_t nthreads, nblocks;
   int64_t begin(int64_t tid) const { return tid * nblocks / nthreads; }
@@ -349,7 +356,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   const int64_t nthreads = part.nthreads;
 
   // super-chunks bound the packed H^T and the per-thread stats
-  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kDhBudgetBytes / (nthreads * D * 4 * kTokenChunk)));
+  const int64_t S = super_chunk_tokens(N, opt, nthreads * D * 4, kDhBudgetBytes);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   std::vector<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
   std::vector<float> stats(static_cast<size_t>(nthreads * 3 * S));
@@ -436,7 +443,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
   const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
-  const int64_t S = std::min<int64_t>(N, kTokenChunk * std::max<int64_t>(1, kBackwardBudgetBytes / (per_token * kTokenChunk)));
+  const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes);
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T

@@ -16,7 +16,8 @@ namespace grpo_kernels {
 
 struct LogprobsOptions {
   double temperature = 1.0;
-  double softcap = 0.0;  // 0: no soft-capping
+  double softcap = 0.0;         // 0: no soft-capping
+  int64_t super_chunk = 0;      // tokens per super-chunk (a multiple of 256); 0: from the memory budget
 };
 
 // h [N, D], w [V, D] (same dtype: float32, bfloat16 or float16), b [V] or None, t [N] int64 in [0, V).

@@ -356,3 +356,45 @@ def test_bad_inputs_name_the_argument(mutate, error, match):
     h, w, t, kw = mutate(*_good(), {})
     with pytest.raises(error, match=match):
         gk.linear_logprobs(h, w, t, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# C++ backend: token super-chunks (flat memory in N) and dW accumulated across them
+# ---------------------------------------------------------------------------------------------------
+
+SUPER_CHUNK_CASES = [
+    Case((3, 250), 613, 40, BF16, **ALL),  # 750 tokens in super-chunks of 256: an odd last chunk
+    Case((700,), 300, 34, F16, bias=True, entropy=True),
+    Case((600,), 500, 64, F32, bias=True),
+    Case((513,), 97, 33, BF16, bias=True),  # odd D: the plain (non-VNNI) GEMM path
+]
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+@pytest.mark.parametrize("case", SUPER_CHUNK_CASES, ids=str)
+def test_cpu_super_chunks_match_oracle(case, seed, monkeypatch):
+    """Inputs larger than one super-chunk: dW crosses super-chunks through the compensated accumulator."""
+    from grpo_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "SUPER_CHUNK_TOKENS", 256)
+    check_case("cpu", case)
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed, monkeypatch):
+    """16 super-chunks give the dW of one: the int8 residual carries what bf16/fp16 rounding drops."""
+    from grpo_kernels.backends import cpu
+
+    n, v, d = 4096, 64, 32
+    h = torch.randn(n, d).to(dtype)
+    w = (torch.randn(v, d) / d**0.5).to(dtype)
+    t = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+    params = LogprobsParams(1.0, None, IGNORE, False, "cpu")
+    _, _, lse = cpu.forward(h, w, None, t, params)
+    _, dw_once, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    monkeypatch.setattr(cpu, "SUPER_CHUNK_TOKENS", 256)
+    _, dw_split, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    ulp = torch.finfo(dtype).eps * dw_once.float().abs().max()
+    assert (dw_split.float() - dw_once.float()).abs().max() <= ulp

@@ -15,6 +15,10 @@ from torch import Tensor
 
 from . import LogprobsParams, cpu_extension, empty
 
+# Tokens per super-chunk (a multiple of 256); 0 lets the kernel size it from its memory budget.
+# Tests set it small to exercise dW accumulation across super-chunks on small inputs.
+SUPER_CHUNK_TOKENS = 0
+
 
 def _ext():
     ext = cpu_extension()
@@ -36,7 +40,7 @@ def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsPar
     logp = empty((n,), torch.float32, h.device)
     lse = empty((n,), torch.float32, h.device)
     ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
-    _ext().forward(h, w, b, t, p.temperature, p.softcap, logp, lse, ent)
+    _ext().forward(h, w, b, t, p.temperature, p.softcap, SUPER_CHUNK_TOKENS, logp, lse, ent)
     return logp, ent, lse
 
 
@@ -48,5 +52,5 @@ def backward(h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs):
     db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
     _ext().backward(h, w, b, t, lse.float().contiguous(), None if ent is None else ent.float().contiguous(),
                     g_logp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
-                    p.temperature, p.softcap, dh, dw, db)
+                    p.temperature, p.softcap, SUPER_CHUNK_TOKENS, dh, dw, db)
     return dh, dw, db
