@@ -123,7 +123,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
+    """Log-probs of ``targets`` under ``softmax(softcap((hidden @ weight.T + bias) / temperature))``.
 
     The [N, V] logits are never materialized: they are formed block by block and reduced on the
     fly (forward), then recomputed for the gradient (backward).

@@ -1,0 +1,463 @@
+"""GRPOTrainer: one GRPO step is sample -> reward -> advantages -> log-probs -> updates.
+
+1. ``sample``: ``prompts_per_step`` task rows, each prompt repeated G = ``num_generations`` times,
+   completions drawn with ``transformers`` ``generate`` (temperature, top_p, max_new_tokens,
+   stopping at EOS). The batch is prompt-major: rows ``i*G .. i*G+G-1`` share a prompt.
+2. ``advantages``: each reward function scores every completion (None -> NaN, unscorable), and
+   :func:`grpo_kernels.group_advantages` turns the weighted reward columns into one advantage per
+   completion, normalized within its group.
+3. ``update``: old-policy log-probs (only when ``num_iterations > 1``; with one update per batch
+   the policy that sampled *is* the current one, so ``old = logp.detach()`` exactly, as in TRL)
+   and reference log-probs (only when ``beta > 0``) with the forward-only fused kernel; then
+   ``num_iterations`` optimizer updates, each accumulating ``gradient_accumulation_steps``
+   micro-batches through :class:`grpo_kernels.FusedLinearGRPOLoss` on the model's final hidden
+   states and LM-head weight, clipping the gradient norm and stepping the LR schedule.
+
+The logits are never materialized: neither for the loss nor for the old/reference log-probs.
+Dropout is off throughout (the model stays in eval mode): the importance ratio compares the
+policy with itself, and dropout noise would make it differ from 1 even on-policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import reference
+from ..advantages import group_advantages
+from ..fused import FusedLinearGRPOLoss
+from ..logprobs import linear_logprobs
+from ..policy_loss import GRPOLossOutput
+from .checkpoint import (
+    FORMAT_VERSION,
+    STATE_FILE,
+    latest_checkpoint,
+    load_optimizer,
+    read_state,
+    rng_state,
+    save_optimizer,
+    set_rng_state,
+    write_checkpoint,
+    write_json,
+)
+from .config import TrainerConfig
+from .metrics import JsonlLog, plot_metrics
+from .model import HeadSpec, completion_hidden, lm_head
+from .rewards import RewardFn, combine, compute_rewards, reward_name
+
+Row = dict[str, Any]
+# Loss types whose normalizer is the token count of the whole accumulated batch (TRL passes
+# num_items_in_batch to them); the others are means per micro-batch, averaged over micro-batches.
+TOKEN_NORMALIZED = ("dapo", "cispo", "vespo")
+
+
+@dataclass
+class Batch:
+    """One generation round: B = prompts_per_step * G completions, prompt-major.
+
+    ``input_ids`` / ``attention_mask`` are [B, P + T]: left-padded prompts (P tokens) then the
+    completions (T tokens, padded after the first EOS). The completion mask covers every
+    completion token up to and including the first EOS.
+    """
+
+    rows: list[Row]
+    prompts: list[str]
+    completions: list[str]
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+
+    @property
+    def completion_ids(self) -> Tensor:
+        """[B, T] sampled token ids."""
+        return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def completion_mask(self) -> Tensor:
+        """[B, T] 1 on completion tokens up to and including the first EOS."""
+        return self.attention_mask[:, self.prompt_len:]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def lr_factor(update: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer update ``update`` (0-based) of ``total``."""
+    if update < warmup:
+        return (update + 1) / warmup
+    progress = min(1.0, (update - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+class GRPOTrainer:
+    """A thin GRPO trainer for Hugging Face causal LMs on top of the fused kernels.
+
+    Args:
+        config: the options.
+        model: a causal LM (its ``generation_config`` is replaced: sampling is the trainer's).
+        tokenizer: its tokenizer (prompts are left-padded).
+        train_rows: task rows, each a dict with a ``"prompt"`` string; the other fields are passed to
+            the reward functions as keyword columns.
+        reward_fns: ``fn(prompts=..., completions=..., **columns) -> list[float | None]``.
+        reward_weights: one weight per reward function (default all 1).
+        eval_rows: held-out rows for greedy evaluation (every ``config.eval_steps`` steps and on demand).
+        eval_fn: scores a greedy completion like a reward function; :meth:`evaluate` reports its mean
+            (with an exact-match verifier, the held-out accuracy).
+        metadata: JSON-able data saved with every checkpoint (e.g. the task's settings).
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_rows: Sequence[Row],
+        reward_fns: Sequence[RewardFn],
+        *,
+        reward_weights: Optional[Sequence[float]] = None,
+        eval_rows: Optional[Sequence[Row]] = None,
+        eval_fn: Optional[RewardFn] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"GRPOTrainer: config must be a TrainerConfig; got {type(config).__name__}")
+        if not train_rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in train_rows):
+            raise ValueError("GRPOTrainer: train_rows must be a non-empty sequence of dicts with a 'prompt' string")
+        if not reward_fns or not all(callable(f) for f in reward_fns):
+            raise ValueError("GRPOTrainer: reward_fns must be a non-empty sequence of callables")
+        weights = [1.0] * len(reward_fns) if reward_weights is None else [float(w) for w in reward_weights]
+        if len(weights) != len(reward_fns) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"GRPOTrainer: reward_weights must be {len(reward_fns)} finite numbers, one per reward "
+                             f"function; got {reward_weights!r}")
+        if (eval_rows is None) != (eval_fn is None):
+            raise ValueError("GRPOTrainer: eval_rows and eval_fn must be given together")
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_rows = list(train_rows)
+        self.reward_fns = list(reward_fns)
+        self.reward_weights = torch.tensor(weights)
+        self.reward_names = _unique([reward_name(f) for f in reward_fns])
+        self.eval_rows = None if eval_rows is None else list(eval_rows)
+        self.eval_fn = eval_fn
+        self.metadata = metadata or {}
+        self.device = next(model.parameters()).device
+        self.bf16 = config.dtype == "bfloat16"
+        self.step = 0
+
+        # The loss must score exactly the distribution generate() samples from: the model's own
+        # generation defaults (top_k, repetition penalty, ...) would change it, so they are dropped.
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                                   bos_token_id=tokenizer.bos_token_id)
+        common = dict(max_new_tokens=config.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        self.sampling = GenerationConfig(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0, **common)
+        self.greedy = GenerationConfig(do_sample=False, **common)
+
+        self.head = HeadSpec.of(model)
+        self.kernel_temperature, self.kernel_softcap = self.head.kernel_options(config.temperature)
+        self.loss_config = config.grpo_config(self.kernel_temperature, self.kernel_softcap)
+        if config.backend == "reference":
+            self.loss_fn: Callable[..., GRPOLossOutput] = partial(reference.fused_linear_grpo_loss, config=self.loss_config)
+            self.logprob_fn: Callable[..., Tensor] = reference.linear_logprobs
+        else:
+            self.loss_fn = FusedLinearGRPOLoss(self.loss_config, backend=config.backend)
+            self.logprob_fn = partial(linear_logprobs, backend=config.backend)
+
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)  # generate() samples from the global generator
+        self.generator = torch.Generator().manual_seed(config.seed)  # prompt order
+
+        model.eval()
+        self.ref_model = None
+        if config.beta > 0:
+            self.ref_model = copy.deepcopy(model).requires_grad_(False)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        total = config.steps * config.num_iterations
+        warmup, schedule = config.warmup_steps, config.lr_scheduler
+        # A closure (not a bound method or partial): LambdaLR's state_dict then stores nothing for it.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda u: lr_factor(u, warmup, total, schedule))
+
+    # ---------------------------------------------------------------- sampling and rewards
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _completion_mask(self, completion_ids: Tensor) -> Tensor:
+        """[B, T] 1 up to and including the first EOS (pad may equal EOS, so padding is not the signal)."""
+        is_eos = torch.isin(completion_ids, self.eos_ids)
+        return ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).long()
+
+    def _decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
+        keep = mask.bool() & ~torch.isin(completion_ids, self.eos_ids)
+        return self.tokenizer.batch_decode([ids[k].tolist() for ids, k in zip(completion_ids, keep)],
+                                           skip_special_tokens=True)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[str], generation_config: GenerationConfig) -> tuple[Tensor, Tensor, int]:
+        """(input_ids [B, P + T], attention_mask [B, P + T], P) of prompts and their completions."""
+        ids, mask = self._encode(prompts)
+        with self._autocast():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        P = ids.shape[1]
+        return out, torch.cat([mask, self._completion_mask(out[:, P:])], dim=1), P
+
+    def sample(self) -> Batch:
+        """Draw prompts_per_step training rows and G completions of each."""
+        G = self.config.num_generations
+        idx = torch.randint(len(self.train_rows), (self.config.prompts_per_step,), generator=self.generator)
+        rows = [self.train_rows[i] for i in idx.tolist() for _ in range(G)]
+        prompts = [r["prompt"] for r in rows]
+        ids, mask, P = self._generate(prompts, self.sampling)
+        return Batch(rows, prompts, self._decode(ids[:, P:], mask[:, P:]), ids, mask, P)
+
+    def rewards(self, batch: Batch) -> Tensor:
+        """Rewards [B, R] of a batch, one column per reward function, NaN for unscorable."""
+        columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
+        return compute_rewards(self.reward_fns, batch.prompts, batch.completions, columns)
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        """Advantages [B] from rewards [B, R]: weighted, normalized within each prompt's group."""
+        cfg = self.config
+        return group_advantages(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards,
+                                estimator=cfg.advantage_estimator, reward_weights=self.reward_weights).to(self.device)
+
+    # ---------------------------------------------------------------- log-probs and updates
+
+    def _head(self, model: PreTrainedModel, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(hidden, weight, bias) in the dtype the head GEMM runs in (bf16 under bf16 training)."""
+        weight, bias = lm_head(model)
+        dt = torch.bfloat16 if self.bf16 else weight.dtype
+        return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = n // self.config.gradient_accumulation_steps
+        return [slice(s, s + size) for s in range(0, n, size)]
+
+    @torch.no_grad()
+    def logprobs(self, model: PreTrainedModel, batch: Batch) -> Tensor:
+        """Per-token log-probs [B, T] of the batch's completions under ``model`` (0 on padding), forward only."""
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
+        targets = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
+        for sl in self._micro_batches(len(batch)):
+            with self._autocast():
+                hidden = completion_hidden(model, batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_len)
+            h, w, b = self._head(model, hidden)
+            out[sl] = self.logprob_fn(h, w, targets[sl], bias=b, temperature=self.kernel_temperature,
+                                      softcap=self.kernel_softcap).float()
+        return out
+
+    def update(self, batch: Batch, advantages: Tensor) -> dict[str, float]:
+        """``num_iterations`` optimizer updates on one batch; returns the loss metrics averaged over them."""
+        cfg = self.config
+        old_logp = self.logprobs(self.model, batch) if cfg.num_iterations > 1 else None
+        ref_logp = None if self.ref_model is None else self.logprobs(self.ref_model, batch)
+        ids, mask = batch.completion_ids, batch.completion_mask
+        token_normalized = cfg.loss_type in TOKEN_NORMALIZED
+        n_items = mask.sum() if token_normalized else None
+        # Mean-per-micro-batch losses are averaged over micro-batches; token-normalized ones already
+        # divide by the whole batch's token count, so their micro-batch losses simply add up.
+        scale = 1.0 if token_normalized else 1.0 / cfg.gradient_accumulation_steps
+        slices = self._micro_batches(len(batch))
+        sums: dict[str, float] = {}
+        skipped = 0
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            for sl in slices:
+                with self._autocast():
+                    hidden = completion_hidden(self.model, batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_len)
+                h, w, b = self._head(self.model, hidden)
+                out = self.loss_fn(h, w, ids[sl], mask[sl], advantages[sl], bias=b, num_items_in_batch=n_items,
+                                   old_logp=None if old_logp is None else old_logp[sl],
+                                   ref_logp=None if ref_logp is None else ref_logp[sl])
+                (out.loss * scale).backward()
+                loss += float(out.loss.detach()) * scale
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / len(slices)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            sums["loss"] = sums.get("loss", 0.0) + loss
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            sums["lr"] = sums.get("lr", 0.0) + self.scheduler.get_last_lr()[0]
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.scheduler.step()
+            else:  # the whole update is dropped: weights, optimizer moments and schedule stay as they were
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                tqdm.write(f"grpo: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                           "update skipped, training goes on")
+        metrics = {k: v / cfg.num_iterations for k, v in sums.items()}
+        metrics["skipped_updates"] = float(skipped)
+        return metrics
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """reference <- alpha * policy + (1 - alpha) * reference (TRL's ref-model mixup)."""
+        a = self.config.ref_sync_alpha
+        for r, p in zip(self.ref_model.parameters(), self.model.parameters()):
+            r.mul_(1.0 - a).add_(p.detach(), alpha=a)
+
+    def train_step(self) -> dict[str, float]:
+        """One generation round and its updates; returns the step's metrics (also the JSONL record)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        batch = self.sample()
+        rewards = self.rewards(batch)
+        advantages = self.advantages(rewards)
+        t1 = time.perf_counter()
+        metrics = self.update(batch, advantages)
+        self.step += 1
+        if self.ref_model is not None and cfg.ref_sync_steps and self.step % cfg.ref_sync_steps == 0:
+            self._sync_reference()
+        total = combine(rewards, self.reward_weights)
+        groups = total.view(-1, cfg.num_generations)
+        record = {"step": self.step, "reward": _nanmean(total), "reward_std": _nanstd(total)}
+        for j, name in enumerate(self.reward_names):
+            record[f"rewards/{name}"] = _nanmean(rewards[:, j])
+        record["frac_reward_zero_std"] = float(((groups.max(-1).values - groups.min(-1).values) == 0).float().mean())
+        record["completion_length"] = float(batch.completion_mask.float().sum(-1).mean())
+        record.update(metrics)
+        record["sample_s"] = t1 - t0
+        record["update_s"] = time.perf_counter() - t1
+        return record
+
+    # ---------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, rows: Optional[Sequence[Row]] = None, batch_size: int = 512) -> float:
+        """Mean of ``eval_fn`` over greedy completions of ``rows`` (default: the held-out rows)."""
+        rows = self.eval_rows if rows is None else list(rows)
+        if not rows or self.eval_fn is None:
+            raise ValueError("GRPOTrainer.evaluate: needs eval rows and an eval_fn")
+        scores = []
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s: s + batch_size]
+            prompts = [r["prompt"] for r in chunk]
+            ids, mask, P = self._generate(prompts, self.greedy)
+            columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
+            scores.append(compute_rewards([self.eval_fn], prompts, self._decode(ids[:, P:], mask[:, P:]), columns)[:, 0])
+        return _nanmean(torch.cat(scores))
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, progress: bool = True) -> list[dict[str, float]]:
+        """Run steps until ``config.steps``: log, evaluate, checkpoint, and plot at the end.
+
+        Returns the records written to ``out_dir/metrics.jsonl`` by this call.
+        """
+        cfg = self.config
+        out = Path(cfg.out_dir)
+        log = JsonlLog(out / "metrics.jsonl", resume_step=self.step if self.step else None)
+        records = []
+        evaluating = cfg.eval_steps > 0 and self.eval_rows is not None
+        if evaluating and self.step == 0:
+            records.append({"step": 0, "eval/accuracy": self.evaluate()})
+            log.write(records[-1])
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="GRPO", dynamic_ncols=True)
+        last_eval = None
+        while self.step < cfg.steps:
+            record = self.train_step()
+            if evaluating and (self.step % cfg.eval_steps == 0 or self.step == cfg.steps):
+                last_eval = record["eval/accuracy"] = self.evaluate()
+            log.write(record)
+            records.append(record)
+            bar.set_postfix(_postfix(record, last_eval), refresh=False)
+            bar.update(1)
+            if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        plot_metrics(log.path, out / "metrics.png")
+        return records
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``out_dir/checkpoints/step_<N>`` atomically; returns its path."""
+        cfg = self.config
+
+        def write(d: Path) -> None:
+            save_model(self.model, str(d / "model.safetensors"))
+            if self.ref_model is not None:
+                save_model(self.ref_model, str(d / "ref_model.safetensors"))
+            optimizer = save_optimizer(self.optimizer, d / "optimizer.safetensors")
+            write_json(d / STATE_FILE, {
+                "format": FORMAT_VERSION, "step": self.step, "config": cfg.to_dict(), "metadata": self.metadata,
+                "scheduler": self.scheduler.state_dict(), "optimizer": optimizer, "rng": rng_state(self.generator),
+            })
+
+        return write_checkpoint(Path(cfg.out_dir) / "checkpoints", self.step, write, cfg.keep_checkpoints)
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        """Restore model, reference model, optimizer, scheduler, RNGs and step from a checkpoint.
+
+        ``path`` is a checkpoint directory, or a run directory (its newest checkpoint is used).
+        Only safetensors and JSON are read. Returns the checkpoint's path.
+        """
+        ckpt = latest_checkpoint(Path(path))
+        if ckpt is None:
+            raise FileNotFoundError(f"GRPOTrainer.load_checkpoint: no checkpoint in {path}")
+        state = read_state(ckpt)
+        load_model(self.model, str(ckpt / "model.safetensors"))
+        if self.ref_model is not None:
+            ref_file = ckpt / "ref_model.safetensors"
+            if not ref_file.is_file():
+                raise ValueError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
+                                 f"{self.config.beta}")
+            load_model(self.ref_model, str(ref_file))
+        load_optimizer(self.optimizer, ckpt / "optimizer.safetensors", state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        return ckpt
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names made distinct by suffixing repeats with their position."""
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _nanmean(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else math.nan
+
+
+def _nanstd(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.std()) if x.numel() > 1 else math.nan
+
+
+def _postfix(record: dict[str, float], last_eval: Optional[float]) -> dict[str, str]:
+    out = {"reward": f"{record['reward']:.3f}"}
+    if "kl" in record:
+        out["kl"] = f"{record['kl']:.4f}"
+    out["clip"] = f"{record.get('clip_ratio/region_mean', 0.0):.3f}"
+    if last_eval is not None:
+        out["eval"] = f"{last_eval:.3f}"
+    return out
