@@ -341,10 +341,13 @@ class Provider:
         """None when the provider runs here, else why not (cached: imports and probes run once)."""
         return _unavailable(self.name)
 
-    def build(self, case: Case, inp: Inputs) -> Fn:
-        """The callable that runs ``case`` once; preallocation (the floor's outputs) happens here."""
+    def build(self, case: Case, inp: Inputs, floor_dtype: Optional[torch.dtype] = None) -> Fn:
+        """The callable that runs ``case`` once; preallocation (the floor's outputs) happens here.
+
+        ``floor_dtype`` (the floor only): run its GEMMs in this dtype instead of the inputs' one.
+        """
         if self.is_floor:
-            return _build_floor(case, inp)
+            return _build_floor(case, inp, floor_dtype or case.torch_dtype)
         if case.op == "grpo_fwd_bwd":
             grpo = self.grpo
             return lambda: _grads(grpo(inp), inp)
@@ -377,15 +380,17 @@ def estimate_total_bytes(case: Case, provider: Provider) -> int:
     return inputs + outputs + provider.estimate_extra_bytes(case)
 
 
-def _build_floor(case: Case, inp: Inputs) -> Fn:
-    """The GEMMs the op cannot avoid, into outputs allocated here (outside the timed call).
+def _build_floor(case: Case, inp: Inputs, gemm_dtype: torch.dtype) -> Fn:
+    """The GEMMs the op cannot avoid, in ``gemm_dtype``, into outputs allocated here (outside the timed call).
 
     forward-only: logits [N, V] = H @ W^T. With the backward, two more: dH = dlogits @ W and
     dW = dlogits^T @ H; the logits buffer doubles as dlogits (the values do not change a GEMM's speed,
-    and a second [N, V] buffer would not fit the largest fp32 cases in memory).
+    and a second [N, V] buffer would not fit the largest fp32 cases in memory). A ``gemm_dtype`` other
+    than the inputs' (``run.py --floor fp32``: CPUs without bf16 matrix units run fp32 GEMMs several
+    times faster than bf16 ones) converts the inputs here, untimed.
     """
-    h = inp.hidden.detach().reshape(-1, case.d)
-    w = inp.weight.detach()
+    h = inp.hidden.detach().reshape(-1, case.d).to(gemm_dtype)
+    w = inp.weight.detach().to(gemm_dtype)
     logits = torch.empty(h.shape[0], case.v, dtype=h.dtype)
     if not case.backward:
         def fwd() -> tuple[Tensor, ...]:

@@ -108,10 +108,11 @@ def worker(spec: dict) -> dict:
     if reason:
         return {"status": "n/a", "reason": reason}
     inp = cases.make_inputs(case, spec["seed"])
+    floor_dtype = cases.DTYPES[spec["floor"]] if spec.get("floor", "dtype") != "dtype" else None
     out: dict[str, Any] = {"status": "ok", "threads": torch.get_num_threads(), "input_bytes": inp.nbytes()}
 
     if spec["mode"] == "time":
-        fn = prov.build(case, inp)
+        fn = prov.build(case, inp, floor_dtype)
         t0 = time.perf_counter()
         res = fn()  # warm-up
         out["warmup_s"] = time.perf_counter() - t0
@@ -133,7 +134,7 @@ def worker(spec: dict) -> dict:
         gc.collect()
         base = rss_bytes()
         out["hwm_reset"] = reset_peak_rss()
-        fn = prov.build(case, inp)  # the floor preallocates its outputs here: they count as its extra
+        fn = prov.build(case, inp, floor_dtype)  # the floor preallocates its outputs here: they count as its extra
         res = fn()
         peak = peak_rss_bytes()
         kept = cases.output_bytes(res)
@@ -161,7 +162,8 @@ def worker_main(spec_json: str) -> None:
 
 def spawn(mode: str, case, provider: str, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh subprocess with a timeout; always returns a dict with status."""
-    spec = {"mode": mode, "case": case.to_json(), "provider": provider, "repeats": args.repeats, "seed": args.seed}
+    spec = {"mode": mode, "case": case.to_json(), "provider": provider, "repeats": args.repeats, "seed": args.seed,
+            "floor": args.floor}
     env = dict(os.environ)
     if mode == "mem":
         # A fixed threshold also disables glibc's dynamic raising of it (up to 32 MB), so every buffer of
@@ -277,7 +279,7 @@ def cell(rec: dict, floor_s: Optional[float]) -> str:
     return " · ".join(parts)
 
 
-def table(op: str, dtype: str, records: list[dict], providers: list[str], repeats: int) -> str:
+def table(op: str, dtype: str, records: list[dict], providers: list[str], repeats: int, floor_kind: str = "dtype") -> str:
     """One markdown table: rows = sizes, columns = floor + providers."""
     import cases
 
@@ -287,7 +289,8 @@ def table(op: str, dtype: str, records: list[dict], providers: list[str], repeat
         floor = by.get("gemm-floor")
         floor_s = floor.get("floor_s") if floor else None
         rows.append([size_label] + [cell(by[p], floor_s) if p in by else "" for p in providers])
-    head = ["B×T" if op == "grpo_fwd_bwd" else "N"] + ["GEMM floor" if p == "gemm-floor" else p for p in providers]
+    floor_name = "GEMM floor" if floor_kind in ("dtype", dtype) else f"GEMM floor ({floor_kind} GEMMs)"
+    head = ["B×T" if op == "grpo_fwd_bwd" else "N"] + [floor_name if p == "gemm-floor" else p for p in providers]
     lines = [f"### {op} · {dtype}  (D={cases.D}, V={cases.V})", "",
              f"cells: time (median of {repeats} after 1 warm-up) · time / GEMM floor · extra peak RSS above inputs "
              f"and returned outputs", "",
@@ -433,6 +436,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"{['%dx%d' % s for s in cases.GRPO_SIZES]})")
     ap.add_argument("--providers", nargs="+", choices=list(cases.PROVIDERS), default=None,
                     help="default: all (the GEMM floor is always measured)")
+    ap.add_argument("--floor", choices=["dtype"] + sorted(cases.DTYPES), default="dtype",
+                    help="dtype of the floor's GEMMs: the inputs' (default) or e.g. fp32, the fastest GEMM on CPUs "
+                         "without bf16 matrix units (the bf16 inputs are converted outside the timed call)")
     ap.add_argument("--repeats", type=int, default=3, metavar="K", help="timed repetitions after one warm-up (median)")
     ap.add_argument("--out", type=Path, default=REPO / "bench_results" / "results.json")
     ap.add_argument("--quick", action="store_true",
@@ -481,7 +487,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 payload["machine"]["loadavg_end"] = list(os.getloadavg())
                 write_json(args.out, payload)
             cols = [p.name for p in cases.providers_for(op, names)]
-            tables.append(table(op, dtype, recs, cols, args.repeats))
+            tables.append(table(op, dtype, recs, cols, args.repeats, args.floor))
             log("\n" + tables[-1] + "\n")
     print(f"# grpo_kernels benchmarks — {info.get('cpu_model')}, {info['torch_threads']} threads, torch {info['torch']}, "
           f"{info['date']}\n")
