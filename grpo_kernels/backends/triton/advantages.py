@@ -50,6 +50,21 @@ def _combined_reward(rewards_ptr, weights_ptr, rows, row_mask, n_cols, stride_b,
 
 
 @triton.jit
+def _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b, stride_r,
+                 SORTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Positions [p, p + BLOCK_N) of a group ending at ``end``: (rows, in_group, combined reward, scored)."""
+    pos = p + tl.arange(0, BLOCK_N)
+    in_group = pos < end
+    if SORTED:
+        rows = pos
+    else:
+        rows = tl.load(order_ptr + pos, mask=in_group, other=0)
+    x, valid = _combined_reward(rewards_ptr, weights_ptr, rows, in_group, n_cols, stride_b, stride_r,
+                                BLOCK_N, BLOCK_R)
+    return rows, in_group, x, valid
+
+
+@triton.jit
 def _batch_std_kernel(rewards_ptr, weights_ptr, std_ptr, n_rows, n_cols, stride_b, stride_r,
                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """Unbiased std of the combined rewards over every scored sample of the batch (one program)."""
@@ -91,14 +106,8 @@ def _group_advantages_kernel(rewards_ptr, weights_ptr, order_ptr, offsets_ptr, b
     lo = tl.full([BLOCK_N], float("inf"), dtype=dt)
     hi = tl.full([BLOCK_N], float("-inf"), dtype=dt)
     for p in range(start, end, BLOCK_N):
-        pos = p + tl.arange(0, BLOCK_N)
-        in_group = pos < end
-        if SORTED:
-            rows = pos
-        else:
-            rows = tl.load(order_ptr + pos, mask=in_group, other=0)
-        x, valid = _combined_reward(rewards_ptr, weights_ptr, rows, in_group, n_cols, stride_b, stride_r,
-                                    BLOCK_N, BLOCK_R)
+        rows, in_group, x, valid = _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b,
+                                                stride_r, SORTED, BLOCK_N, BLOCK_R)
         count += valid.to(tl.int32)
         acc += tl.where(valid, x, 0.0)
         lo = tl.minimum(lo, tl.where(valid, x, float("inf")))
@@ -112,14 +121,8 @@ def _group_advantages_kernel(rewards_ptr, weights_ptr, order_ptr, offsets_ptr, b
     if SCALE == 1:
         acc = tl.zeros([BLOCK_N], dtype=dt)
         for p in range(start, end, BLOCK_N):
-            pos = p + tl.arange(0, BLOCK_N)
-            in_group = pos < end
-            if SORTED:
-                rows = pos
-            else:
-                rows = tl.load(order_ptr + pos, mask=in_group, other=0)
-            x, valid = _combined_reward(rewards_ptr, weights_ptr, rows, in_group, n_cols, stride_b, stride_r,
-                                        BLOCK_N, BLOCK_R)
+            _, _, x, valid = _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b, stride_r,
+                                          SORTED, BLOCK_N, BLOCK_R)
             d = x - mean
             acc += tl.where(valid, d * d, 0.0)
         denom = tl.sqrt(tl.sum(acc) / tl.maximum(n - 1, 1).to(dt)) + eps
@@ -136,14 +139,8 @@ def _group_advantages_kernel(rewards_ptr, weights_ptr, order_ptr, offsets_ptr, b
         factor = 1.0 / denom
 
     for p in range(start, end, BLOCK_N):
-        pos = p + tl.arange(0, BLOCK_N)
-        in_group = pos < end
-        if SORTED:
-            rows = pos
-        else:
-            rows = tl.load(order_ptr + pos, mask=in_group, other=0)
-        x, valid = _combined_reward(rewards_ptr, weights_ptr, rows, in_group, n_cols, stride_b, stride_r,
-                                    BLOCK_N, BLOCK_R)
+        rows, in_group, x, valid = _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b,
+                                                stride_r, SORTED, BLOCK_N, BLOCK_R)
         adv = tl.where(valid & keep, (x - mean) * factor, 0.0)
         tl.store(adv_ptr + rows, adv, mask=in_group)
 
