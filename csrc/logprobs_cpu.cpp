@@ -35,6 +35,10 @@ constexpr int64_t kPairLd = kVocabBlock + 16;   // VNNI dZ pair rows and fp32 dW
 // extra memory does not grow with N (dW then accumulates across super-chunks).
 constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;
 constexpr int64_t kBackwardBudgetBytes = int64_t(96) << 20;
+// fp32 tiles run on ATen's fp32 brgemm fallback, whose dW GEMM over a whole super-chunk (K = its tokens)
+// slowed the fp32 backward 2.4x from 1024 to 4096 tokens (AMD Zen 3, D=896); the 16-bit tile paths
+// measured fastest with one super-chunk, so only fp32 is capped.
+constexpr int64_t kFloatBackwardTokens = 1024;
 // Vocab blocks whose dZ feed one dH GEMM: a longer K amortizes the GEMM's fp32 C traffic.
 constexpr int64_t kGroup = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -443,7 +447,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
   const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
-  const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes);
+  int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes);
+  if (std::is_same_v<T, float> && opt.super_chunk <= 0) S = std::min(S, kFloatBackwardTokens);
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
