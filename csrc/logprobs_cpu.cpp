@@ -331,10 +331,14 @@ void flush_dw(const float* tile, int64_t vb, int64_t d, T* out, int8_t* lo, bool
   }
 }
 
-// Tokens per super-chunk: whole token chunks whose per-token buffers fit the budget (or the override).
-int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_per_token, int64_t budget) {
-  const int64_t chunks = opt.super_chunk > 0 ? ceil_div(opt.super_chunk, kTokenChunk)
-                                             : std::max<int64_t>(1, budget / (bytes_per_token * kTokenChunk));
+// Tokens per super-chunk: whole token chunks whose per-token buffers fit the budget, at most max_tokens
+// (or the override, which tests use to force several super-chunks).
+int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_per_token, int64_t budget,
+                           int64_t max_tokens = std::numeric_limits<int64_t>::max()) {
+  const int64_t chunks = opt.super_chunk > 0
+                             ? ceil_div(opt.super_chunk, kTokenChunk)
+                             : std::max<int64_t>(1, std::min(budget / (bytes_per_token * kTokenChunk),
+                                                             max_tokens / kTokenChunk));
   return std::min(n, chunks * kTokenChunk);
 }
 
@@ -447,8 +451,9 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
   const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
-  int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes);
-  if (std::is_same_v<T, float> && opt.super_chunk <= 0) S = std::min(S, kFloatBackwardTokens);
+  const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes,
+                                      std::is_same_v<T, float> ? kFloatBackwardTokens
+                                                               : std::numeric_limits<int64_t>::max());
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
