@@ -106,8 +106,8 @@ def _group_advantages_kernel(rewards_ptr, weights_ptr, order_ptr, offsets_ptr, b
     lo = tl.full([BLOCK_N], float("inf"), dtype=dt)
     hi = tl.full([BLOCK_N], float("-inf"), dtype=dt)
     for p in range(start, end, BLOCK_N):
-        rows, in_group, x, valid = _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b,
-                                                stride_r, SORTED, BLOCK_N, BLOCK_R)
+        _, _, x, valid = _group_block(rewards_ptr, weights_ptr, order_ptr, p, end, n_cols, stride_b, stride_r,
+                                      SORTED, BLOCK_N, BLOCK_R)
         count += valid.to(tl.int32)
         acc += tl.where(valid, x, 0.0)
         lo = tl.minimum(lo, tl.where(valid, x, float("inf")))
