@@ -577,7 +577,9 @@ def check_provider(provider: Provider, op: str, seed: int = 0) -> float:
         want = torch.autograd.grad((logp * inp.grad_logp.double()).sum(), (h64, w64))
     else:
         want = (reference.linear_logprobs(h64, w64, inp.targets, compute_dtype=torch.float64),)
-    err = 0.0
-    for g, w in zip(got, want):
-        err = max(err, float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)))
-    return err
+    return max(rel_error(g, w) for g, w in zip(got, want))
+
+
+def rel_error(got: Tensor, want: Tensor) -> float:
+    """max |got - want| / max |want|: the error measure of check_provider and accuracy.py."""
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
