@@ -31,6 +31,23 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
                          db);
 }
 
+void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                   double temperature, c10::optional<double> softcap, at::Tensor kept, at::Tensor logp, at::Tensor lse,
+                   c10::optional<at::Tensor> entropy) {
+  py::gil_scoped_release no_gil;
+  grpo_kernels::chunk_forward(h, w, b, t, options(temperature, softcap, 0), kept, logp, lse, entropy);
+}
+
+void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                    at::Tensor kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                    const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, double temperature,
+                    c10::optional<double> softcap, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
+  py::gil_scoped_release no_gil;
+  grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0), dh, dw,
+                               dw_lo, db_acc, accumulate);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -42,6 +59,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b"), py::arg("t"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_ent"),
         py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("dh"), py::arg("dw"),
         py::arg("db"));
+  m.def("chunk_forward", &chunk_forward, "forward of one one-pass chunk, keeping its logits", py::arg("h"),
+        py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"), py::arg("kept"),
+        py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+  m.def("chunk_backward", &chunk_backward, "dh, dw (accumulated), db_acc of one one-pass chunk from its kept logits",
+        py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("kept"), py::arg("lse"), py::arg("entropy"),
+        py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("dh"), py::arg("dw"),
+        py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
+  m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
+  m.def("kept_floats", &grpo_kernels::kept_floats, "floats of the kept-logits workspace for a chunk of n tokens");
   m.def("gemm_path", &grpo_kernels::gemm_path, "GEMM path for a dtype and hidden size: 'amx-vnni' or 'plain'");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

@@ -12,6 +12,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,6 +43,9 @@ constexpr int64_t kBackwardBudgetBytes = int64_t(96) << 20;
 // slowed the fp32 backward 2.4x from 1024 to 4096 tokens (AMD Zen 3, D=896); the 16-bit tile paths
 // measured fastest with one super-chunk, so only fp32 is capped.
 constexpr int64_t kFloatBackwardTokens = 1024;
+// The one-pass schedule's kept logits of one token chunk, plus the int8 dW residual when a 16-bit dW
+// is accumulated over several chunks, stay below this.
+constexpr int64_t kFusedBudgetBytes = int64_t(224) << 20;
 // Vocab blocks whose dZ feed one dH GEMM: a longer K amortizes the GEMM's fp32 C traffic.
 constexpr int64_t kGroup = 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -56,10 +63,24 @@ bool use_vnni(int64_t d) {
   }
 }
 
+// Row-major C [m, n] (+)= A [m, k] B [k, n] with fp32 C. 16-bit: ATen's brgemm (B in VNNI pairs when
+// vnni). fp32: at::mm on strided views, the sgemm torch.mm runs, about twice as fast here as brgemm's
+// fp32 fallback.
 template <typename T>
 void tile_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool vnni) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, vnni);
+  if constexpr (std::is_same_v<T, float>) {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32);
+    at::Tensor bt = at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32);
+    if (add)
+      ct.addmm_(at_, bt);
+    else
+      at::mm_out(ct, at_, bt);
+  } else {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, vnni);
+  }
 }
 
 // Elementwise transform of raw logits (fp32 GEMM output + bias): temperature, then soft-capping.
@@ -203,21 +224,21 @@ inline void fold_block(const float* z, int64_t rows, int64_t ldz, int64_t n0, in
   if (want_q) q.store(st.q + n0, width);
 }
 
-// Applies the logit transform to a raw tile in place and folds it into the running stats.
+// Applies the logit transform to a raw tile (rows ldz apart) in place and folds it into the running stats.
 template <typename T>
-void forward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, const Transform& tr, const Stats& st,
-                  bool want_q) {
+void forward_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int64_t v0, const Transform& tr,
+                  const Stats& st, bool want_q) {
   for (int64_t n0 = 0; n0 < mc; n0 += kW) {
     const int64_t width = std::min(kW, mc - n0);
     Vec bmax(kNegInf);
     for (int64_t r = 0; r < vb; ++r) {
-      float* p = z + r * kLd + n0;
+      float* p = z + r * ldz + n0;
       Vec v = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
       v.store(p, width);
       // lanes past `width` hold garbage; they are never stored back
       bmax = at::vec::maximum(bmax, v);
     }
-    fold_block(z, vb, kLd, n0, width, bmax, st, want_q);
+    fold_block(z, vb, ldz, n0, width, bmax, st, want_q);
   }
 }
 
@@ -229,16 +250,19 @@ struct GradInputs {
   const float* mean_z;  // sum_j p_j z_j = lse - entropy (only with g_ent)
 };
 
-// Turns a raw logits tile into dLoss/draw in place (fp32), onehot term included; returns the tile's
-// per-row sums into db_rows when given.
+// Turns a logits tile (rows ldz apart) into dLoss/draw in place (fp32), onehot term included; adds the
+// tile's per-row sums into db_rows when given. The tile holds raw GEMM outputs (the recomputing backward)
+// or, with `transformed`, logits the forward already passed through the bias and the transform (the
+// one-pass schedule keeps those).
 template <typename T>
-void backward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, const int64_t* tgt, const Transform& tr,
-                   const GradInputs& g, float* db_rows) {
-  // raw target logits, saved before the tile is overwritten
-  float raw_t[kTokenChunk];
+void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, bool transformed, const T* bias, int64_t v0,
+               const int64_t* tgt, const Transform& tr, const GradInputs& g, float* db_rows) {
+  // target logits, saved before the tile is overwritten
+  float z_t[kTokenChunk];
   for (int64_t n = 0; n < mc; ++n) {
     const int64_t r = tgt[n] - v0;
-    raw_t[n] = (r >= 0 && r < vb) ? z[r * kLd + n] + bias_at(bias, tgt[n]) : 0.f;
+    if (r < 0 || r >= vb) continue;
+    z_t[n] = transformed ? z[r * ldz + n] : tr.apply(z[r * ldz + n] + bias_at(bias, tgt[n]));
   }
   for (int64_t n0 = 0; n0 < mc; n0 += kW) {
     const int64_t width = std::min(kW, mc - n0);
@@ -247,8 +271,8 @@ void backward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, 
     Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
     Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
     for (int64_t r = 0; r < vb; ++r) {
-      float* p = z + r * kLd + n0;
-      Vec zz = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      float* p = z + r * ldz + n0;
+      Vec zz = transformed ? Vec::loadu(p, width) : tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
       Vec prob = (zz - lse).exp_u20();
       Vec d = Vec(0.f) - gl * prob;
       if (g.g_ent) d = d - ge * prob * (zz - mz);
@@ -257,12 +281,12 @@ void backward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, 
   }
   for (int64_t n = 0; n < mc; ++n) {
     const int64_t r = tgt[n] - v0;
-    if (r >= 0 && r < vb) z[r * kLd + n] += g.g_logp[n] * tr.slope(tr.apply(raw_t[n]));
+    if (r >= 0 && r < vb) z[r * ldz + n] += g.g_logp[n] * tr.slope(z_t[n]);
   }
   if (db_rows) {
     for (int64_t r = 0; r < vb; ++r) {
       Vec acc(0.f);
-      const float* p = z + r * kLd;
+      const float* p = z + r * ldz;
       int64_t n = 0;
       for (; n + kW <= mc; n += kW) acc = acc + Vec::loadu(p + n);
       if (n < mc) acc = acc + Vec::loadu(p + n, mc - n);  // loadu with a count zero-fills the rest
@@ -275,59 +299,120 @@ void backward_tile(float* z, int64_t vb, int64_t mc, const T* bias, int64_t v0, 
   }
 }
 
-// Low-precision dW accumulated across super-chunks: hi is the output itself, lo an int8 residual in
-// units of ulp(hi) / 256, which carries 8 more mantissa bits between super-chunks.
+// Low-precision dW accumulated across token chunks: hi is the output itself, lo an int8 residual in
+// units of ulp(hi) / 256, which carries 8 more mantissa bits from one chunk to the next. Stores round to
+// nearest even, so the vector and scalar forms below give identical bits.
 template <typename T>
 struct Compensated {
-  static float unit(T hi) {
-    uint16_t bits;
-    std::memcpy(&bits, &hi, 2);
-    int32_t field;
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      // ulp = 2^(e - 127 - 7); unit = ulp / 256 = 2^(e - 142), float exponent field e - 15
-      field = std::max<int32_t>((bits >> 7) & 0xFF, 1) - 15;
-    } else {
-      // half: ulp = 2^(e - 15 - 10); unit = 2^(e - 33), float exponent field e + 94
-      field = std::max<int32_t>((bits >> 10) & 0x1F, 1) + 94;
-    }
+  static_assert(std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>);
+  // The unit as a float exponent field, from hi's float exponent field ef: bf16 keeps 7 fraction bits
+  // (unit = 2^(ef - 127 - 15)); fp16 keeps 10 and its subnormals share the exponent of 2^-14
+  // (unit = 2^(max(ef, 113) - 127 - 18)). A field <= 0 means hi is tiny and the residual is dropped.
+  static constexpr int32_t kMinField = std::is_same_v<T, at::BFloat16> ? 1 : 113;
+  static constexpr int32_t kShift = std::is_same_v<T, at::BFloat16> ? 15 : 18;
+
+  static int32_t unit_field(float hi) {
+    uint32_t bits;
+    std::memcpy(&bits, &hi, 4);
+    return std::max<int32_t>((bits >> 23) & 0xFF, kMinField) - kShift;
+  }
+  static float from_field(int32_t field) {
     if (field <= 0) return 0.f;
-    uint32_t fb = uint32_t(field) << 23;
-    float u;
-    std::memcpy(&u, &fb, 4);
-    return u;
+    const uint32_t fb = uint32_t(field) << 23;
+    float f;
+    std::memcpy(&f, &fb, 4);
+    return f;
   }
   static void store(float full, T* hi, int8_t* lo) {
-    T h(full);
+    const T h(full);
     *hi = h;
-    if (lo) {
-      const float u = unit(h);
-      const float q = u > 0 ? std::nearbyint((full - static_cast<float>(h)) / u) : 0.f;
-      *lo = static_cast<int8_t>(std::clamp(q, -127.f, 127.f));
-    }
+    const int32_t uf = unit_field(static_cast<float>(h));
+    // the unit is a power of two, so scaling by its inverse is exact
+    const float q = uf > 0 ? std::nearbyint((full - static_cast<float>(h)) * from_field(254 - uf)) : 0.f;
+    *lo = static_cast<int8_t>(std::clamp(q, -127.f, 127.f));
   }
   static float load(const T* hi, const int8_t* lo) {
-    return static_cast<float>(*hi) + static_cast<float>(*lo) * unit(*hi);
+    const float h = static_cast<float>(*hi);
+    return h + static_cast<float>(*lo) * from_field(unit_field(h));
   }
+
+#if defined(__AVX2__) && defined(__F16C__)
+  static __m256 load_hi(const T* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    else
+      return _mm256_cvtph_ps(v);
+  }
+  // Round to nearest even, NaN to the quiet NaN c10 uses.
+  static __m128i round_hi(__m256 x) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      const __m256i b = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+      return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    } else {
+      return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+  }
+  // 2^(field) for field > 0, else 0; `field` holds unit fields (or their inverses) as int32 lanes.
+  static __m256 pow2(__m256i field, __m256i positive) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(field, 23), positive));
+  }
+  static __m256i unit_field(__m256 hi) {
+    const __m256i ef = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(hi), 23), _mm256_set1_epi32(0xFF));
+    return _mm256_sub_epi32(_mm256_max_epi32(ef, _mm256_set1_epi32(kMinField)), _mm256_set1_epi32(kShift));
+  }
+  // out[0..8) (+ its residual unless first) += tile[0..8), with the new residual stored.
+  static void add8(const float* tile, T* out, int8_t* lo, bool first) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 full = _mm256_loadu_ps(tile);
+    if (!first) {
+      const __m256 h = load_hi(out);
+      const __m256i uf = unit_field(h);
+      const __m128i l8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(lo));
+      const __m256 l = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(l8));
+      full = _mm256_add_ps(_mm256_fmadd_ps(l, pow2(uf, _mm256_cmpgt_epi32(uf, zero)), h), full);
+    }
+    const __m128i hb = round_hi(full);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), hb);
+    const __m256 h = load_hi(out);
+    const __m256i uf = unit_field(h);
+    const __m256 inv = pow2(_mm256_sub_epi32(_mm256_set1_epi32(254), uf), _mm256_cmpgt_epi32(uf, zero));
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(full, h), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_max_ps(_mm256_min_ps(q, _mm256_set1_ps(127.f)), _mm256_set1_ps(-127.f));
+    const __m256i qi = _mm256_cvtps_epi32(q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(lo), _mm_packs_epi16(q16, q16));
+  }
+#endif
 };
 
-// Writes (first == true) or adds a block's fp32 dW rows into the output.
+// Writes (first) or adds n fp32 dW values into the output; 16-bit outputs carry the int8 residual lo
+// whenever more than one chunk adds into them (lo == nullptr only for a single write).
 template <typename T>
-void flush_dw(const float* tile, int64_t vb, int64_t d, T* out, int8_t* lo, bool first) {
-  const int64_t n = vb * d;
+void flush_dw(const float* tile, int64_t n, T* out, int8_t* lo, bool first) {
   if constexpr (std::is_same_v<T, float>) {
-    if (first)
+    if (first) {
       std::memcpy(out, tile, n * sizeof(float));
-    else
-      for (int64_t i = 0; i < n; ++i) out[i] += tile[i];
-  } else {
-    if (first && lo == nullptr) {
-      at::vec::convert(tile, out, n);
     } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const float full = first ? tile[i] : Compensated<T>::load(out + i, lo + i) + tile[i];
-        Compensated<T>::store(full, out + i, lo + i);
-      }
+      int64_t i = 0;
+      for (; i + kW <= n; i += kW) (Vec::loadu(out + i) + Vec::loadu(tile + i)).store(out + i);
+      for (; i < n; ++i) out[i] += tile[i];
     }
+  } else {
+    if (lo == nullptr) {
+      TORCH_INTERNAL_ASSERT(first, "a 16-bit dW accumulated over chunks needs its residual");
+      at::vec::convert(tile, out, n);
+      return;
+    }
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8) Compensated<T>::add8(tile + i, out + i, lo + i, first);
+#endif
+    for (; i < n; ++i)
+      Compensated<T>::store(first ? tile[i] : Compensated<T>::load(out + i, lo + i) + tile[i], out + i, lo + i);
   }
 }
 
@@ -342,6 +427,9 @@ int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_
   return std::min(n, chunks * kTokenChunk);
 }
 
+// The one-pass schedule keeps a token chunk's logits as vocab-block tiles [kVocabBlock, kept_ld(mc)].
+int64_t kept_ld(int64_t mc) { return ceil_div(mc, 16) * 16 + 16; }
+
 struct Partition {
   int64_t nthreads, nblocks;
   int64_t begin(int64_t tid) const { return tid * nblocks / nthreads; }
@@ -351,7 +439,7 @@ struct Partition {
 template <typename T>
 void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                   const LogprobsOptions& opt, at::Tensor& logp_out, at::Tensor& lse_out,
-                  c10::optional<at::Tensor> ent_out) {
+                  c10::optional<at::Tensor> ent_out, float* kept = nullptr) {
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   const T* hp = h.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
@@ -363,8 +451,10 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
   const int64_t nthreads = part.nthreads;
 
-  // super-chunks bound the packed H^T and the per-thread stats
-  const int64_t S = super_chunk_tokens(N, opt, nthreads * D * 4, kDhBudgetBytes);
+  // super-chunks bound the packed H^T and the per-thread stats; kept logits hold one token chunk
+  TORCH_INTERNAL_ASSERT(kept == nullptr || N <= kTokenChunk);
+  const int64_t S = kept ? N : super_chunk_tokens(N, opt, nthreads * D * 4, kDhBudgetBytes);
+  const int64_t ldz = kept ? kept_ld(N) : kLd;
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   std::vector<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
   std::vector<float> stats(static_cast<size_t>(nthreads * 3 * S));
@@ -381,7 +471,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
     });
     std::fill(stats.begin(), stats.end(), 0.f);
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      std::vector<float> tile(kept ? 0 : static_cast<size_t>(kVocabBlock * kLd));
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* base = stats.data() + tid * 3 * S;
         std::fill(base, base + S, kNegInf);
@@ -389,12 +479,13 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
           const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
           for (int64_t c = 0; c < nchunks; ++c) {
             const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed.data() + c * D * kLd, tile.data(), vnni);
+            float* z = kept ? kept + blk * kVocabBlock * ldz : tile.data();
+            tile_gemm<T>(vb, mc, D, D, kLd, ldz, false, wp + v0 * D, packed.data() + c * D * kLd, z, vnni);
             const Stats st{base + n0, base + S + n0, base + 2 * S + n0};
-            forward_tile<T>(tile.data(), vb, mc, bp, v0, tr, st, want_q);
+            forward_tile<T>(z, vb, mc, ldz, bp, v0, tr, st, want_q);
             for (int64_t n = 0; n < mc; ++n) {
               const int64_t r = tp[s0 + n0 + n] - v0;
-              if (r >= 0 && r < vb) zt[n0 + n] = tile[r * kLd + n];
+              if (r >= 0 && r < vb) zt[n0 + n] = z[r * ldz + n];
             }
           }
         }
@@ -515,7 +606,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               }
               tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
                            vnni);
-              backward_tile<T>(tile.data(), vb, mc, bp, bv0, tp + s0 + n0, tr, gin,
+              grad_tile<T>(tile.data(), vb, mc, kLd, false, bp, bv0, tp + s0 + n0, tr, gin,
                                need_db ? db_rows.data() + bi * kVocabBlock : nullptr);
               for (int64_t r = 0; r < vb; ++r) {
                 if constexpr (std::is_same_v<T, float>)
@@ -537,7 +628,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               } else {
                 tile_gemm<T>(vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
               }
-              flush_dw<T>(dw_tile.data(), vb, D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
+              flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
                           si == 0);
             }
           }
@@ -592,6 +683,105 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   }
 }
 
+// Gradient step of the one-pass schedule for one chunk of N <= kTokenChunk tokens whose transformed
+// logits forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
+// (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
+// forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
+// residual) is re-read and re-written once per chunk. Plain GEMM path only (row-major operands, no
+// VNNI packing): on AMX the saved GEMM costs less than that dW traffic, so the caller runs two passes.
+template <typename T>
+void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                         const at::Tensor& t, float* kept, const at::Tensor& lse_t,
+                         const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
+                         const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt,
+                         c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
+                         c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  TORCH_INTERNAL_ASSERT(N <= kTokenChunk && !use_vnni<T>(D));
+  const T* hp = h.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = b ? b->data_ptr<T>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const bool need_dh = dh.has_value(), need_dw = dw.has_value();
+  T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
+  int8_t* lop = dw_lo ? dw_lo->data_ptr<int8_t>() : nullptr;
+  float* dbp = db_acc ? db_acc->data_ptr<float>() : nullptr;
+  const Transform tr(opt);
+  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
+  const int64_t nthreads = part.nthreads;
+  const int64_t ldz = kept_ld(N);
+  const int64_t ldg = kGroup * kVocabBlock + 32;  // rows of dZ [N, group]
+  std::vector<float> mean_z;
+  const float* lse = lse_t.data_ptr<float>();
+  const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
+  if (ge) {
+    const float* ent = ent_t->data_ptr<float>();
+    mean_z.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) mean_z[n] = lse[n] - ent[n];
+  }
+  const GradInputs gin{lse, gl_t.data_ptr<float>(), ge, ge ? mean_z.data() : nullptr};
+  std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
+
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    // 16-bit dZ^T [vb, N] of a block (fp32 tiles are their own A operand of the dW GEMM) and dZ [N, gv]
+    // of a group of blocks (the A operand of the dH GEMM)
+    std::vector<T> dzt(std::is_same_v<T, float> || !need_dw ? 0 : static_cast<size_t>(kVocabBlock * ldz));
+    std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
+    std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+    std::vector<float> db_rows(kGroup * kVocabBlock);
+    for (int64_t tid = t0; tid < t1; ++tid) {
+      float* my_dh = need_dh ? dh_acc.data() + tid * N * D : nullptr;
+      for (int64_t g0 = part.begin(tid); g0 < part.end(tid); g0 += kGroup) {
+        const int64_t nb = std::min(kGroup, part.end(tid) - g0);
+        const int64_t v0 = g0 * kVocabBlock, gv = std::min(nb * kVocabBlock, V - v0);
+        std::fill(db_rows.begin(), db_rows.end(), 0.f);
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          const int64_t bv0 = v0 + bi * kVocabBlock, vb = std::min(kVocabBlock, V - bv0);
+          float* z = kept + (g0 + bi) * kVocabBlock * ldz;
+          grad_tile<T>(z, vb, N, ldz, true, bp, bv0, tp, tr, gin, dbp ? db_rows.data() + bi * kVocabBlock : nullptr);
+          if (need_dw) {
+            const T* a = reinterpret_cast<const T*>(z);
+            if constexpr (!std::is_same_v<T, float>) {
+              at::vec::convert(z, dzt.data(), vb * ldz);
+              a = dzt.data();
+            }
+            tile_gemm<T>(vb, D, N, ldz, D, D, false, a, hp, dw_tile.data(), false);
+            flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
+          }
+          if (need_dh) {
+            T* out = dz.data() + bi * kVocabBlock;
+            constexpr int64_t kB = 16;
+            for (int64_t r0 = 0; r0 < vb; r0 += kB)
+              for (int64_t n = 0; n < N; ++n)
+                for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * ldz + n]);
+          }
+        }
+        if (need_dh) tile_gemm<T>(N, D, gv, ldg, D, D, true, dz.data(), wp + v0 * D, my_dh, false);
+        if (dbp)
+          for (int64_t r = 0; r < gv; ++r) dbp[v0 + r] += db_rows[r];
+      }
+    }
+  });
+
+  if (need_dh) {
+    T* out = dh->data_ptr<T>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t n = n0; n < n1; ++n) {
+        std::memcpy(row.data(), dh_acc.data() + n * D, D * sizeof(float));
+        for (int64_t tid = 1; tid < nthreads; ++tid) {
+          const float* src = dh_acc.data() + (tid * N + n) * D;
+          for (int64_t k = 0; k < D; ++k) row[k] += src[k];
+        }
+        if constexpr (std::is_same_v<T, float>)
+          std::memcpy(out + n * D, row.data(), D * sizeof(float));
+        else
+          at::vec::convert(row.data(), out + n * D, D);
+      }
+    });
+  }
+}
+
 void check_inputs(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t) {
   TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "grpo_kernels._C: expects h [N, D], w [V, D]");
   TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && t.is_contiguous(), "grpo_kernels._C: inputs must be contiguous");
@@ -599,6 +789,13 @@ void check_inputs(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == h.size(0), "grpo_kernels._C: t must be int64 [N]");
   TORCH_CHECK(!b || (b->is_contiguous() && b->scalar_type() == w.scalar_type() && b->numel() == w.size(0)),
               "grpo_kernels._C: b must be [V] with w's dtype");
+}
+
+void check_kept(const at::Tensor& h, const at::Tensor& w, const at::Tensor& kept) {
+  TORCH_CHECK(h.size(0) <= kTokenChunk, "grpo_kernels._C: a one-pass chunk holds at most ", kTokenChunk, " tokens");
+  TORCH_CHECK(kept.scalar_type() == at::kFloat && kept.is_contiguous() &&
+                  kept.numel() >= ceil_div(w.size(0), kVocabBlock) * kVocabBlock * kept_ld(h.size(0)),
+              "grpo_kernels._C: kept must be a float32 workspace of kept_floats(n, V) elements");
 }
 
 }  // namespace
@@ -631,6 +828,47 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
   }
   GRPO_DISPATCH(h.scalar_type(),
                 [&] { backward_impl<scalar_t>(h, w, b, t, lse, entropy, g_logp, g_ent, opt, dh, dw, db); });
+}
+
+int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype) {
+  for (int64_t mc = std::min(kTokenChunk, ceil_div(n, 16) * 16); mc > 16; mc -= 16) {
+    const bool residual = dtype != at::kFloat && n > mc;
+    if (kept_floats(mc, v) * 4 + (residual ? v * d : 0) <= kFusedBudgetBytes) return mc;
+  }
+  return 16;
+}
+
+int64_t kept_floats(int64_t n, int64_t v) { return ceil_div(v, kVocabBlock) * kVocabBlock * kept_ld(n); }
+
+void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                   const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
+                   c10::optional<at::Tensor> entropy) {
+  check_inputs(h, w, b, t);
+  check_kept(h, w, kept);
+  GRPO_DISPATCH(h.scalar_type(),
+                [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<float>()); });
+}
+
+void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                    at::Tensor& kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                    const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt,
+                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
+                    c10::optional<at::Tensor> db_acc, bool accumulate) {
+  check_inputs(h, w, b, t);
+  check_kept(h, w, kept);
+  TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
+  TORCH_CHECK(gemm_path(h.scalar_type(), h.size(1)) == "plain",
+              "grpo_kernels._C: the one-pass schedule runs on the plain GEMM path only");
+  TORCH_CHECK(!dw_lo || (dw && dw_lo->scalar_type() == at::kChar && dw_lo->numel() == dw->numel()),
+              "grpo_kernels._C: dw_lo must be int8 like dw");
+  TORCH_CHECK(!accumulate || !dw || dw_lo || h.scalar_type() == at::kFloat,
+              "grpo_kernels._C: accumulating a 16-bit dw needs dw_lo");
+  TORCH_CHECK(!db_acc || db_acc->scalar_type() == at::kFloat, "grpo_kernels._C: db_acc must be float32");
+  if (h.size(0) == 0) return;
+  GRPO_DISPATCH(h.scalar_type(), [&] {
+    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<float>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
+                                  db_acc, accumulate);
+  });
 }
 
 std::string gemm_path(at::ScalarType dtype, int64_t d) {

@@ -11,9 +11,13 @@ Objectives that need per-sequence or batch-wide quantities of the *current* log-
 any token's gradient is known take two passes (a forward-only pass for logp / entropy, then a
 gradient pass): GSPO's sequence-level ratio, vespo with old_logp (its gamma weight uses the
 sequence's summed log-ratio) and top_entropy_quantile < 1 (the entropy threshold is a batch
-quantile). Backends without a one-pass schedule (the C++ one: see backends/cpu.py) always take
-the two passes; their forward pass is the logits GEMM and the gradient pass recomputes it before
-the dH and dW GEMMs (four GEMMs in all).
+quantile). The two passes cost four GEMMs per token (the gradient pass recomputes the logits before
+the dH and dW GEMMs) instead of three.
+
+The C++ backend runs the one pass on its plain GEMM path (AVX2/AVX-512 CPUs, and fp32 anywhere) in
+chunks of at most 256 tokens whose logits it keeps (~88 MB at 128 tokens for a 151936-token vocab;
+a 16-bit dW spanning several chunks also carries an int8 residual [V, D]); on AMX it takes the two
+passes, where re-reading dW once per chunk would cost more than the GEMM saved (backends/cpu.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import grpo_kernels as gk
 from grpo_kernels import reference
 from grpo_kernels.config import CLIPPED_SURROGATE, LOSS_TYPES, TOKEN_LEVEL_ONLY
 
-from oracle import assert_close_to_oracle, available_backends
+from oracle import HAS_CPU_EXT, assert_close_to_oracle, available_backends
 
 BACKENDS = available_backends()
 
@@ -184,6 +184,90 @@ def test_all_tokens_masked(backend):
                           gk.GRPOConfig(beta=0.04), old, ref, backend=backend)
     assert out.loss.item() == 0.0
     assert all((g == 0).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# C++ backend: the one-pass schedule over several token chunks, and the two-pass one AMX machines take
+# ---------------------------------------------------------------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHUNK_OPTIONS = {
+    "dapo-kl-entropy-bonus": dict(loss_type="dapo", beta=0.04, entropy_coef=0.05),
+    "grpo-temperature-softcap": dict(loss_type="grpo", beta=0.04, temperature=0.7, logit_softcap=3.0),
+    "cispo": dict(loss_type="cispo", epsilon_high=3.0),
+}
+
+
+def _forbid(monkeypatch, module, *names):
+    def fail(*args, **kwargs):
+        raise AssertionError("this schedule must not call " + ", ".join(names))
+
+    for name in names:
+        monkeypatch.setattr(module, name, fail)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("options", list(CHUNK_OPTIONS), ids=list(CHUNK_OPTIONS))
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("chunk", [16, 48], ids=["chunk16", "chunk48"])
+def test_cpu_one_pass_over_several_chunks(chunk, dtype, options, seed, monkeypatch):
+    """Token chunks of the one-pass schedule: logits kept per chunk, dW and dbias added across chunks.
+
+    D = 33 is odd, so the plain GEMM path (and with it the one-pass schedule) runs on every machine, and
+    dW rows end in a tail the vectorized residual update does not cover.
+    """
+    from grpo_kernels.backends import cpu
+
+    assert cpu.one_pass(DTYPES[dtype], 33)
+    monkeypatch.setattr(cpu, "FUSED_CHUNK_TOKENS", chunk)
+    _forbid(monkeypatch, cpu, "forward", "backward")
+    cfg = gk.GRPOConfig(**CHUNK_OPTIONS[options])
+    hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=4, T=40, D=33, V=301, dtype=DTYPES[dtype], bias=True)
+    ref = ref if cfg.beta else None
+    out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
+    check(out, grads, oracle64(*args), same_dtype(*args))
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cpu_one_pass_dweight_across_chunks_is_rounded_once(dtype, seed, monkeypatch):
+    """16 chunks add into a 16-bit dW through its int8 residual and give the dW of one chunk within an ulp."""
+    from grpo_kernels.backends import LogprobsParams, cpu
+
+    n, v, d = 4096, 64, 36
+    dt = DTYPES[dtype]
+    h = torch.randn(n, d).to(dt)
+    w = (torch.randn(v, d) / d**0.5).to(dt)
+    t = torch.randint(0, v, (n,))
+    g = torch.randn(n)
+    params = LogprobsParams(1.0, None, -100, False, "cpu")
+
+    def coef(start, end, logp, ent):
+        return g[start:end], None
+
+    monkeypatch.setattr(cpu, "FUSED_CHUNK_TOKENS", 256)
+    *_, dw_split, _ = cpu.forward_backward(h, w, None, t, params, coef, (False, True, False))
+    _, _, lse = cpu.forward(h, w, None, t, params)
+    _, dw_once, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    ulp = torch.finfo(dt).eps * dw_once.float().abs().max()
+    assert (dw_split.float() - dw_once.float()).abs().max() <= ulp
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_two_pass_schedule_where_one_pass_does_not_pay(dtype, seed, monkeypatch):
+    """AMX machines run forward, then the recomputing backward: the same loss and gradients."""
+    from grpo_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "one_pass", lambda dtype, d: False)
+    _forbid(monkeypatch, cpu, "_one_pass_schedule")
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.05)
+    hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=4, T=40, D=32, V=301, dtype=DTYPES[dtype], bias=True)
+    out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
+    check(out, grads, oracle64(*args), same_dtype(*args))
 
 
 def _tiny_lm(tie: bool):

@@ -1,9 +1,15 @@
 """Launchers of the C++ CPU kernels (grpo_kernels._C, built from csrc/).
 
-The kernels write into outputs allocated here (``backends.empty``: NaN in test poison mode). Only
-forward and backward exist: the fused GRPO loss runs them as two passes (four GEMMs per token,
-every one of them at bf16 tile speed with fp32 accumulators in cache) because a one-pass,
-three-GEMM schedule has to re-read and re-write all of dW once per token chunk (see csrc/).
+The kernels write into outputs allocated here (``backends.empty``: NaN in test poison mode).
+
+``forward_backward`` (the fused GRPO loss) picks its schedule by the GEMM path of the machine:
+- plain (AVX2/AVX-512 machines, and fp32 everywhere): one pass, three GEMMs per token. Chunks of
+  at most 256 tokens keep their fp32 logits (a workspace of ~88 MB at 128 tokens, V = 151936),
+  get their loss coefficients, then form dH and add into dW; a 16-bit dW crosses chunks through an
+  int8 residual [V, D], so it is rounded as if accumulated in fp32.
+- amx-vnni: two passes, four GEMMs per token (forward, then the recomputing backward). There one
+  logits GEMM of a 128-token chunk takes about as long as re-reading and re-writing dW with its
+  residual (~0.8 GB), which is what the one-pass schedule pays per chunk, so it would not gain.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from . import LogprobsParams, cpu_extension, empty
 # Tokens per super-chunk (a multiple of 256); 0 lets the kernel size it from its memory budget.
 # Tests set it small to exercise dW accumulation across super-chunks on small inputs.
 SUPER_CHUNK_TOKENS = 0
+# Tokens per one-pass chunk (at most 256); 0 lets the kernel size it from its memory budget. Tests set
+# it small to run several chunks on small inputs.
+FUSED_CHUNK_TOKENS = 0
 
 
 def _ext():
@@ -54,3 +63,49 @@ def backward(h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs):
                     g_logp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
                     p.temperature, p.softcap, SUPER_CHUNK_TOKENS, dh, dw, db)
     return dh, dw, db
+
+
+def one_pass(dtype: torch.dtype, d: int) -> bool:
+    """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size."""
+    return gemm_path(dtype, d) == "plain"
+
+
+def forward_backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams, coef_fn, needs):
+    if h.dtype == torch.float64:
+        raise TypeError("backend 'cpu' supports float32, bfloat16 and float16; use backend='torch' for float64")
+    h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
+    b = None if b is None else b.contiguous()
+    run = _one_pass_schedule if one_pass(h.dtype, w.shape[1]) else _two_pass_schedule
+    return run(h, w, b, t, p, coef_fn, needs)
+
+
+def _two_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
+    logp, ent, lse = forward(h, w, b, t, p)
+    g_logp, g_ent = coef_fn(0, h.shape[0], logp, ent)
+    dh, dw, db = backward(h, w, b, t, lse, ent, g_logp, g_ent, p, needs)
+    return logp, ent, dh, dw, db
+
+
+def _one_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
+    ext = _ext()
+    n, (v, d) = h.shape[0], w.shape
+    chunk = FUSED_CHUNK_TOKENS or ext.fused_chunk_tokens(n, v, d, h.dtype)
+    kept = torch.empty(ext.kept_floats(min(chunk, n), v), dtype=torch.float32)
+    logp = empty((n,), torch.float32, h.device)
+    lse = empty((n,), torch.float32, h.device)
+    ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
+    dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
+    dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
+    multi_chunk_16bit = dw is not None and w.dtype != torch.float32 and n > chunk
+    dw_lo = torch.empty(tuple(w.shape), dtype=torch.int8) if multi_chunk_16bit else None
+    db_acc = torch.zeros(v, dtype=torch.float32) if needs[2] and b is not None else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        en = None if ent is None else ent[s:e]
+        ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, kept, logp[s:e], lse[s:e], en)
+        g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
+        ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, g_logp.float().contiguous(),
+                           None if g_ent is None else g_ent.float().contiguous(), p.temperature, p.softcap,
+                           None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
+    db = None if db_acc is None else db_acc.to(b.dtype)
+    return logp, ent, dh, dw, db
