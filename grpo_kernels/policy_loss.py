@@ -148,7 +148,11 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     active = mask != 0
     if quantile >= 1.0 or not bool(active.any()):
         return active
-    threshold = torch.quantile(entropy[active].float(), 1.0 - quantile)
+    values = entropy[active]
+    # TRL takes the quantile in fp32; float64 entropies keep theirs, or a token equal to the threshold
+    # could fall below its fp32 rounding
+    values = values if values.dtype == torch.float64 else values.float()
+    threshold = torch.quantile(values, 1.0 - quantile)
     return (entropy >= threshold) & active
 
 
