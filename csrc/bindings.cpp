@@ -67,7 +67,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("dh"), py::arg("dw"),
         py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
-  m.def("kept_floats", &grpo_kernels::kept_floats, "floats of the kept-logits workspace for a chunk of n tokens");
+  m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
   m.def("gemm_path", &grpo_kernels::gemm_path, "GEMM path for a dtype and hidden size: 'amx-vnni' or 'plain'");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

@@ -199,9 +199,10 @@ struct Stats {
   float* q;
 };
 
-// Rescales running stats to a new max and folds in a block's exp-sums, 16 tokens at a time.
-inline void fold_block(const float* z, int64_t rows, int64_t ldz, int64_t n0, int64_t width, Vec bmax, const Stats& st,
-                       bool want_q) {
+// Rescales running stats to a new max and folds in a block's exp-sums, kW tokens at a time. With keep_e
+// the tile's logits are replaced by their exp(z - new max), which the one-pass schedule keeps.
+inline void fold_block(float* z, int64_t rows, int64_t ldz, int64_t n0, int64_t width, Vec bmax, const Stats& st,
+                       bool want_q, bool keep_e) {
   Vec m_old = Vec::loadu(st.m + n0, width);
   Vec m_new = at::vec::maximum(m_old, bmax);
   // m_old = -inf (first block): exp(-inf) = 0 and the q update must not form 0 * -inf.
@@ -216,6 +217,7 @@ inline void fold_block(const float* z, int64_t rows, int64_t ldz, int64_t n0, in
   for (int64_t r = 0; r < rows; ++r) {
     Vec d = Vec::loadu(z + r * ldz + n0, width) - m_new;
     Vec e = d.exp_u20();
+    if (keep_e) e.store(z + r * ldz + n0, width);
     s = s + e;
     if (want_q) q = at::vec::fmadd(e, d, q);
   }
@@ -224,10 +226,11 @@ inline void fold_block(const float* z, int64_t rows, int64_t ldz, int64_t n0, in
   if (want_q) q.store(st.q + n0, width);
 }
 
-// Applies the logit transform to a raw tile (rows ldz apart) in place and folds it into the running stats.
+// Applies the logit transform to a raw tile (rows ldz apart) in place and folds it into the running stats
+// (leaving exp(z - max) in the tile with keep_e).
 template <typename T>
 void forward_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int64_t v0, const Transform& tr,
-                  const Stats& st, bool want_q) {
+                  const Stats& st, bool want_q, bool keep_e) {
   for (int64_t n0 = 0; n0 < mc; n0 += kW) {
     const int64_t width = std::min(kW, mc - n0);
     Vec bmax(kNegInf);
@@ -238,7 +241,7 @@ void forward_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, 
       // lanes past `width` hold garbage; they are never stored back
       bmax = at::vec::maximum(bmax, v);
     }
-    fold_block(z, vb, ldz, n0, width, bmax, st, want_q);
+    fold_block(z, vb, ldz, n0, width, bmax, st, want_q, keep_e);
   }
 }
 
@@ -250,43 +253,18 @@ struct GradInputs {
   const float* mean_z;  // sum_j p_j z_j = lse - entropy (only with g_ent)
 };
 
-// Turns a logits tile (rows ldz apart) into dLoss/draw in place (fp32), onehot term included; adds the
-// tile's per-row sums into db_rows when given. The tile holds raw GEMM outputs (the recomputing backward)
-// or, with `transformed`, logits the forward already passed through the bias and the transform (the
-// one-pass schedule keeps those).
-template <typename T>
-void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, bool transformed, const T* bias, int64_t v0,
-               const int64_t* tgt, const Transform& tr, const GradInputs& g, float* db_rows) {
-  // target logits, saved before the tile is overwritten
-  float z_t[kTokenChunk];
+// What every dLoss/draw tile ends with: the onehot term at the targets (z_t: the transformed target logit
+// of each token), then the tile's per-row sums into db_rows when given.
+inline void finish_grad_tile(float* d, int64_t vb, int64_t mc, int64_t ldz, int64_t v0, const int64_t* tgt,
+                             const float* z_t, const float* g_logp, const Transform& tr, float* db_rows) {
   for (int64_t n = 0; n < mc; ++n) {
     const int64_t r = tgt[n] - v0;
-    if (r < 0 || r >= vb) continue;
-    z_t[n] = transformed ? z[r * ldz + n] : tr.apply(z[r * ldz + n] + bias_at(bias, tgt[n]));
-  }
-  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
-    const int64_t width = std::min(kW, mc - n0);
-    Vec lse = Vec::loadu(g.lse + n0, width);
-    Vec gl = Vec::loadu(g.g_logp + n0, width);
-    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
-    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
-    for (int64_t r = 0; r < vb; ++r) {
-      float* p = z + r * ldz + n0;
-      Vec zz = transformed ? Vec::loadu(p, width) : tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
-      Vec prob = (zz - lse).exp_u20();
-      Vec d = Vec(0.f) - gl * prob;
-      if (g.g_ent) d = d - ge * prob * (zz - mz);
-      (d * tr.slope(zz)).store(p, width);
-    }
-  }
-  for (int64_t n = 0; n < mc; ++n) {
-    const int64_t r = tgt[n] - v0;
-    if (r >= 0 && r < vb) z[r * ldz + n] += g.g_logp[n] * tr.slope(z_t[n]);
+    if (r >= 0 && r < vb) d[r * ldz + n] += g_logp[n] * tr.slope(z_t[n]);
   }
   if (db_rows) {
     for (int64_t r = 0; r < vb; ++r) {
       Vec acc(0.f);
-      const float* p = z + r * ldz;
+      const float* p = d + r * ldz;
       int64_t n = 0;
       for (; n + kW <= mc; n += kW) acc = acc + Vec::loadu(p + n);
       if (n < mc) acc = acc + Vec::loadu(p + n, mc - n);  // loadu with a count zero-fills the rest
@@ -297,6 +275,65 @@ void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, bool transformed, 
       db_rows[r] += sum;
     }
   }
+}
+
+// Turns a raw logits tile (rows ldz apart) into dLoss/draw in place (fp32).
+template <typename T>
+void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int64_t v0, const int64_t* tgt,
+               const Transform& tr, const GradInputs& g, float* db_rows) {
+  // target logits, saved before the tile is overwritten
+  float z_t[kTokenChunk];
+  for (int64_t n = 0; n < mc; ++n) {
+    const int64_t r = tgt[n] - v0;
+    if (r >= 0 && r < vb) z_t[n] = tr.apply(z[r * ldz + n] + bias_at(bias, tgt[n]));
+  }
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec lse = Vec::loadu(g.lse + n0, width);
+    Vec gl = Vec::loadu(g.g_logp + n0, width);
+    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
+    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = z + r * ldz + n0;
+      Vec zz = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      Vec prob = (zz - lse).exp_u20();
+      Vec d = Vec(0.f) - gl * prob;
+      if (g.g_ent) d = d - ge * prob * (zz - mz);
+      (d * tr.slope(zz)).store(p, width);
+    }
+  }
+  finish_grad_tile(z, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
+}
+
+// Turns a tile of kept e = exp(z - m) into dLoss/draw in place (fp32), where m_blk holds each token's
+// running max when the forward folded this block: p = e exp(m - lse) costs one exp per token, not per
+// logit. Only the entropy gradient and soft-capping need z itself: z = m + log(e) (e = 0 has p = 0).
+inline void grad_tile_kept(float* e, int64_t vb, int64_t mc, int64_t ldz, const float* m_blk, const float* z_t,
+                           int64_t v0, const int64_t* tgt, const Transform& tr, const GradInputs& g, float* db_rows) {
+  const bool need_z = g.g_ent != nullptr || tr.cap > 0;
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec m = Vec::loadu(m_blk + n0, width);
+    Vec scale = (m - Vec::loadu(g.lse + n0, width)).exp_u20();
+    Vec gl = Vec::loadu(g.g_logp + n0, width);
+    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
+    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = e + r * ldz + n0;
+      Vec ev = Vec::loadu(p, width);
+      Vec prob = ev * scale;
+      Vec d = Vec(0.f) - gl * prob;
+      if (need_z) {
+        Vec zz = m + at::vec::maximum(ev, Vec(std::numeric_limits<float>::min())).log();
+        if (g.g_ent) d = d - ge * prob * (zz - mz);
+        d = d * tr.slope(zz);
+      } else {
+        d = d * Vec(tr.inv_t);
+      }
+      d.store(p, width);
+    }
+  }
+  finish_grad_tile(e, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
 }
 
 // Low-precision dW accumulated across token chunks: hi is the output itself, lo an int8 residual in
@@ -427,8 +464,33 @@ int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_
   return std::min(n, chunks * kTokenChunk);
 }
 
-// The one-pass schedule keeps a token chunk's logits as vocab-block tiles [kVocabBlock, kept_ld(mc)].
-int64_t kept_ld(int64_t mc) { return ceil_div(mc, 16) * 16 + 16; }
+// What the one-pass schedule keeps of a chunk of n tokens between its forward and its gradient step, in
+// one byte workspace: per vocab block, a tile [kVocabBlock, ld] of e = exp(z - m) (fp32 for fp32 inputs;
+// bf16 otherwise, whose 8 fraction bits match the bf16 dZ the GEMMs take anyway, at half the bytes of
+// fp32 logits, so twice the tokens fit per chunk), then per block the running max m [ld] each e is
+// relative to, then the transformed target logits [ld].
+template <typename T>
+using KeptT = std::conditional_t<std::is_same_v<T, float>, float, at::BFloat16>;
+
+struct KeptLayout {
+  int64_t ld, nblocks, elem_bytes;
+  KeptLayout(int64_t n, int64_t v, at::ScalarType dtype)
+      : ld(ceil_div(n, 16) * 16 + 16), nblocks(ceil_div(v, kVocabBlock)), elem_bytes(dtype == at::kFloat ? 4 : 2) {}
+  int64_t tiles_bytes() const { return ceil_div(nblocks * kVocabBlock * ld * elem_bytes, 64) * 64; }
+  int64_t bytes() const { return tiles_bytes() + (nblocks + 1) * ld * int64_t(sizeof(float)); }
+  template <typename K>
+  K* tile(uint8_t* base, int64_t blk) const { return reinterpret_cast<K*>(base) + blk * kVocabBlock * ld; }
+  float* max_row(uint8_t* base, int64_t blk) const { return reinterpret_cast<float*>(base + tiles_bytes()) + blk * ld; }
+  float* target_logits(uint8_t* base) const { return max_row(base, nblocks); }
+};
+
+template <typename K>
+void copy_row(const float* src, K* dst, int64_t n) {
+  if constexpr (std::is_same_v<K, float>)
+    std::memcpy(dst, src, n * sizeof(float));
+  else
+    at::vec::convert(src, dst, n);
+}
 
 struct Partition {
   int64_t nthreads, nblocks;
@@ -439,7 +501,7 @@ struct Partition {
 template <typename T>
 void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                   const LogprobsOptions& opt, at::Tensor& logp_out, at::Tensor& lse_out,
-                  c10::optional<at::Tensor> ent_out, float* kept = nullptr) {
+                  c10::optional<at::Tensor> ent_out, uint8_t* kept = nullptr) {
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   const T* hp = h.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
@@ -454,7 +516,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   // super-chunks bound the packed H^T and the per-thread stats; kept logits hold one token chunk
   TORCH_INTERNAL_ASSERT(kept == nullptr || N <= kTokenChunk);
   const int64_t S = kept ? N : super_chunk_tokens(N, opt, nthreads * D * 4, kDhBudgetBytes);
-  const int64_t ldz = kept ? kept_ld(N) : kLd;
+  const KeptLayout kl(N, V, h.scalar_type());
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   std::vector<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
   std::vector<float> stats(static_cast<size_t>(nthreads * 3 * S));
@@ -471,7 +533,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
     });
     std::fill(stats.begin(), stats.end(), 0.f);
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tile(kept ? 0 : static_cast<size_t>(kVocabBlock * kLd));
+      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* base = stats.data() + tid * 3 * S;
         std::fill(base, base + S, kNegInf);
@@ -479,19 +541,24 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
           const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
           for (int64_t c = 0; c < nchunks; ++c) {
             const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-            float* z = kept ? kept + blk * kVocabBlock * ldz : tile.data();
-            tile_gemm<T>(vb, mc, D, D, kLd, ldz, false, wp + v0 * D, packed.data() + c * D * kLd, z, vnni);
-            const Stats st{base + n0, base + S + n0, base + 2 * S + n0};
-            forward_tile<T>(z, vb, mc, ldz, bp, v0, tr, st, want_q);
+            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed.data() + c * D * kLd, tile.data(), vnni);
             for (int64_t n = 0; n < mc; ++n) {
-              const int64_t r = tp[s0 + n0 + n] - v0;
-              if (r >= 0 && r < vb) zt[n0 + n] = z[r * ldz + n];
+              const int64_t tg = tp[s0 + n0 + n], r = tg - v0;
+              if (r >= 0 && r < vb) zt[n0 + n] = tr.apply(tile[r * kLd + n] + bias_at(bp, tg));
+            }
+            const Stats st{base + n0, base + S + n0, base + 2 * S + n0};
+            forward_tile<T>(tile.data(), vb, mc, kLd, bp, v0, tr, st, want_q, kept != nullptr);
+            if (kept) {
+              KeptT<T>* out = kl.tile<KeptT<T>>(kept, blk);
+              for (int64_t r = 0; r < vb; ++r) copy_row(tile.data() + r * kLd, out + r * kl.ld, mc);
+              std::memcpy(kl.max_row(kept, blk), st.m, mc * sizeof(float));  // the max each e is relative to
             }
           }
         }
       }
       if (vnni) at::native::cpublas::brgemm_release(true);
     });
+    if (kept) std::memcpy(kl.target_logits(kept), zt.data(), sn * sizeof(float));
     float* logp = logp_out.data_ptr<float>() + s0;
     float* lse = lse_out.data_ptr<float>() + s0;
     float* ent = want_q ? ent_out->data_ptr<float>() + s0 : nullptr;
@@ -606,7 +673,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               }
               tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
                            vnni);
-              grad_tile<T>(tile.data(), vb, mc, kLd, false, bp, bv0, tp + s0 + n0, tr, gin,
+              grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin,
                                need_db ? db_rows.data() + bi * kVocabBlock : nullptr);
               for (int64_t r = 0; r < vb; ++r) {
                 if constexpr (std::is_same_v<T, float>)
@@ -683,15 +750,15 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   }
 }
 
-// Gradient step of the one-pass schedule for one chunk of N <= kTokenChunk tokens whose transformed
-// logits forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
+// Gradient step of the one-pass schedule for one chunk of N <= kTokenChunk tokens whose exp-values
+// forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
 // (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
 // forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
 // residual) is re-read and re-written once per chunk. Plain GEMM path only (row-major operands, no
 // VNNI packing): on AMX the saved GEMM costs less than that dW traffic, so the caller runs two passes.
 template <typename T>
 void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                         const at::Tensor& t, float* kept, const at::Tensor& lse_t,
+                         const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,
                          const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
                          const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt,
                          c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
@@ -709,7 +776,8 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   const Transform tr(opt);
   const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
   const int64_t nthreads = part.nthreads;
-  const int64_t ldz = kept_ld(N);
+  const KeptLayout kl(N, V, h.scalar_type());
+  const float* z_t = kl.target_logits(kept);
   const int64_t ldg = kGroup * kVocabBlock + 32;  // rows of dZ [N, group]
   std::vector<float> mean_z;
   const float* lse = lse_t.data_ptr<float>();
@@ -723,9 +791,10 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
 
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-    // 16-bit dZ^T [vb, N] of a block (fp32 tiles are their own A operand of the dW GEMM) and dZ [N, gv]
-    // of a group of blocks (the A operand of the dH GEMM)
-    std::vector<T> dzt(std::is_same_v<T, float> || !need_dw ? 0 : static_cast<size_t>(kVocabBlock * ldz));
+    // dZ^T [vb, N] of a block in fp32 (the A operand of the fp32 dW GEMM) and 16-bit, and dZ [N, gv] of a
+    // group of blocks (the A operand of the dH GEMM)
+    std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+    std::vector<T> dzt(std::is_same_v<T, float> || !need_dw ? 0 : static_cast<size_t>(kVocabBlock * kLd));
     std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
     std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
     std::vector<float> db_rows(kGroup * kVocabBlock);
@@ -736,16 +805,24 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
         const int64_t v0 = g0 * kVocabBlock, gv = std::min(nb * kVocabBlock, V - v0);
         std::fill(db_rows.begin(), db_rows.end(), 0.f);
         for (int64_t bi = 0; bi < nb; ++bi) {
-          const int64_t bv0 = v0 + bi * kVocabBlock, vb = std::min(kVocabBlock, V - bv0);
-          float* z = kept + (g0 + bi) * kVocabBlock * ldz;
-          grad_tile<T>(z, vb, N, ldz, true, bp, bv0, tp, tr, gin, dbp ? db_rows.data() + bi * kVocabBlock : nullptr);
+          const int64_t blk = g0 + bi, bv0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - bv0);
+          float* z = tile.data();
+          const KeptT<T>* e = kl.tile<KeptT<T>>(kept, blk);
+          for (int64_t r = 0; r < vb; ++r) {
+            if constexpr (std::is_same_v<KeptT<T>, float>)
+              std::memcpy(z + r * kLd, e + r * kl.ld, N * sizeof(float));
+            else
+              at::vec::convert(e + r * kl.ld, z + r * kLd, N);
+          }
+          grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin,
+                         dbp ? db_rows.data() + bi * kVocabBlock : nullptr);
           if (need_dw) {
             const T* a = reinterpret_cast<const T*>(z);
             if constexpr (!std::is_same_v<T, float>) {
-              at::vec::convert(z, dzt.data(), vb * ldz);
+              at::vec::convert(z, dzt.data(), vb * kLd);
               a = dzt.data();
             }
-            tile_gemm<T>(vb, D, N, ldz, D, D, false, a, hp, dw_tile.data(), false);
+            tile_gemm<T>(vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
             flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
           }
           if (need_dh) {
@@ -753,7 +830,7 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
             constexpr int64_t kB = 16;
             for (int64_t r0 = 0; r0 < vb; r0 += kB)
               for (int64_t n = 0; n < N; ++n)
-                for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * ldz + n]);
+                for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
           }
         }
         if (need_dh) tile_gemm<T>(N, D, gv, ldg, D, D, true, dz.data(), wp + v0 * D, my_dh, false);
@@ -793,9 +870,9 @@ void check_inputs(const at::Tensor& h, const at::Tensor& w, const c10::optional<
 
 void check_kept(const at::Tensor& h, const at::Tensor& w, const at::Tensor& kept) {
   TORCH_CHECK(h.size(0) <= kTokenChunk, "grpo_kernels._C: a one-pass chunk holds at most ", kTokenChunk, " tokens");
-  TORCH_CHECK(kept.scalar_type() == at::kFloat && kept.is_contiguous() &&
-                  kept.numel() >= ceil_div(w.size(0), kVocabBlock) * kVocabBlock * kept_ld(h.size(0)),
-              "grpo_kernels._C: kept must be a float32 workspace of kept_floats(n, V) elements");
+  TORCH_CHECK(kept.scalar_type() == at::kByte && kept.is_contiguous() &&
+                  kept.numel() >= KeptLayout(h.size(0), w.size(0), h.scalar_type()).bytes(),
+              "grpo_kernels._C: kept must be a uint8 workspace of kept_bytes(n, V, dtype) bytes");
 }
 
 }  // namespace
@@ -833,12 +910,12 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
 int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype) {
   for (int64_t mc = std::min(kTokenChunk, ceil_div(n, 16) * 16); mc > 16; mc -= 16) {
     const bool residual = dtype != at::kFloat && n > mc;
-    if (kept_floats(mc, v) * 4 + (residual ? v * d : 0) <= kFusedBudgetBytes) return mc;
+    if (kept_bytes(mc, v, dtype) + (residual ? v * d : 0) <= kFusedBudgetBytes) return mc;
   }
   return 16;
 }
 
-int64_t kept_floats(int64_t n, int64_t v) { return ceil_div(v, kVocabBlock) * kVocabBlock * kept_ld(n); }
+int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype) { return KeptLayout(n, v, dtype).bytes(); }
 
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                    const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
@@ -846,7 +923,7 @@ void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional
   check_inputs(h, w, b, t);
   check_kept(h, w, kept);
   GRPO_DISPATCH(h.scalar_type(),
-                [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<float>()); });
+                [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<uint8_t>()); });
 }
 
 void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
@@ -866,7 +943,7 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
   TORCH_CHECK(!db_acc || db_acc->scalar_type() == at::kFloat, "grpo_kernels._C: db_acc must be float32");
   if (h.size(0) == 0) return;
   GRPO_DISPATCH(h.scalar_type(), [&] {
-    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<float>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
+    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<uint8_t>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
                                   db_acc, accumulate);
   });
 }

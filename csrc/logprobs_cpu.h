@@ -9,8 +9,8 @@
 // backward: per vocab block, for every token chunk: recompute the tile, form dLoss/dlogits, then
 //           dW_block += dZ^T H (fp32 tile, cast once) and dH^T += W_block^T dZ (fp32 per thread).
 // one pass: for a loss whose dLoss/dlogp is known per token once that token's logp is (GRPO), token
-//           chunks run chunk_forward (logits kept), the caller's coefficients, then chunk_backward
-//           (dW and dH from the kept logits): three GEMMs per token instead of four.
+//           chunks run chunk_forward (keeping exp(z - running max) per logit), the caller's coefficients,
+//           then chunk_backward (dW and dH from what was kept): three GEMMs per token instead of four.
 #pragma once
 
 #include <torch/extension.h>
@@ -37,8 +37,8 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
               c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db);
 
 // The one-pass schedule, one chunk of at most 256 tokens at a time. chunk_forward is forward() that also
-// keeps the chunk's transformed logits in `kept` (float32, kept_floats(n, V) elements). chunk_backward
-// then forms the gradients of sum(g_logp * logp + g_ent * entropy) for the chunk from them: writes dh
+// keeps what the gradient step needs of the chunk's logits in `kept` (uint8, kept_bytes(n, V, dtype)).
+// chunk_backward then forms the gradients of sum(g_logp * logp + g_ent * entropy) for the chunk from them: writes dh
 // [n, D] like h, and writes (accumulate == false) or adds dw [V, D] like w, through its int8 residual
 // dw_lo [V, D] when given (needed to add into a 16-bit dw), and adds db_acc [V] float32.
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
@@ -53,8 +53,8 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
 // Tokens per one-pass chunk for n tokens and a [V, D] weight of a dtype: the kept logits, plus the dw
 // residual when a 16-bit dw spans several chunks, stay within a fixed budget (224 MiB).
 int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype);
-// Floats of the kept-logits workspace for a chunk of n tokens.
-int64_t kept_floats(int64_t n, int64_t v);
+// Bytes of the workspace chunk_forward keeps for chunk_backward, for a chunk of n tokens.
+int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype);
 
 // Which GEMM path this machine takes for a dtype and hidden size: "amx-vnni" or "plain".
 std::string gemm_path(at::ScalarType dtype, int64_t d);

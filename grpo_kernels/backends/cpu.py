@@ -4,9 +4,10 @@ The kernels write into outputs allocated here (``backends.empty``: NaN in test p
 
 ``forward_backward`` (the fused GRPO loss) picks its schedule by the GEMM path of the machine:
 - plain (AVX2/AVX-512 machines, and fp32 everywhere): one pass, three GEMMs per token. Chunks of
-  at most 256 tokens keep their fp32 logits (a workspace of ~88 MB at 128 tokens, V = 151936),
-  get their loss coefficients, then form dH and add into dW; a 16-bit dW crosses chunks through an
-  int8 residual [V, D], so it is rounded as if accumulated in fp32.
+  at most 256 tokens keep exp(logit - running max) per logit (bf16 for 16-bit inputs: 83 MB for
+  256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
+  add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so
+  it is rounded as if accumulated in fp32.
 - amx-vnni: two passes, four GEMMs per token (forward, then the recomputing backward). There one
   logits GEMM of a 128-token chunk takes about as long as re-reading and re-writing dW with its
   residual (~0.8 GB), which is what the one-pass schedule pays per chunk, so it would not gain.
@@ -90,7 +91,7 @@ def _one_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
     ext = _ext()
     n, (v, d) = h.shape[0], w.shape
     chunk = FUSED_CHUNK_TOKENS or ext.fused_chunk_tokens(n, v, d, h.dtype)
-    kept = torch.empty(ext.kept_floats(min(chunk, n), v), dtype=torch.float32)
+    kept = torch.empty(ext.kept_bytes(min(chunk, n), v, h.dtype), dtype=torch.uint8)
     logp = empty((n,), torch.float32, h.device)
     lse = empty((n,), torch.float32, h.device)
     ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
