@@ -39,9 +39,9 @@ constexpr int64_t kPairLd = kVocabBlock + 16;   // VNNI dZ pair rows and fp32 dW
 // extra memory does not grow with N (dW then accumulates across super-chunks).
 constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;
 constexpr int64_t kBackwardBudgetBytes = int64_t(96) << 20;
-// fp32 tiles run on ATen's fp32 brgemm fallback, whose dW GEMM over a whole super-chunk (K = its tokens)
-// slowed the fp32 backward 2.4x from 1024 to 4096 tokens (AMD Zen 3, D=896); the 16-bit tile paths
-// measured fastest with one super-chunk, so only fp32 is capped.
+// fp32 backward super-chunks are capped: since the fp32 tiles run on at::mm, 1024 and 4096 tokens took
+// 26.4 s and 25.4 s (AMD Zen 3, D=896, N=4096, within noise) and the cap keeps the per-token buffers at
+// a quarter. The 16-bit paths measured fastest with one super-chunk (bf16: 35.3 s vs 41.4 s at 1024).
 constexpr int64_t kFloatBackwardTokens = 1024;
 // The one-pass schedule's kept logits of one token chunk, plus the int8 dW residual when a 16-bit dW
 // is accumulated over several chunks, stay below this.
@@ -214,13 +214,18 @@ inline void fold_block(float* z, int64_t rows, int64_t ldz, int64_t n0, int64_t 
     Vec shift = Vec::blendv(m_old - m_new, Vec(0.f), first);
     q = scale * (Vec::loadu(st.q + n0, width) + Vec::loadu(st.s + n0, width) * shift);
   }
+  // The block's sums start from zero and join the running ones once: one fp32 accumulator over a
+  // whole vocabulary (~75k terms per thread) cost ~8e-6 nats of logp at V = 151936.
+  Vec bs(0.f), bq(0.f);
   for (int64_t r = 0; r < rows; ++r) {
     Vec d = Vec::loadu(z + r * ldz + n0, width) - m_new;
     Vec e = d.exp_u20();
     if (keep_e) e.store(z + r * ldz + n0, width);
-    s = s + e;
-    if (want_q) q = at::vec::fmadd(e, d, q);
+    bs = bs + e;
+    if (want_q) bq = at::vec::fmadd(e, d, bq);
   }
+  s = s + bs;
+  if (want_q) q = q + bq;
   m_new.store(st.m + n0, width);
   s.store(st.s + n0, width);
   if (want_q) q.store(st.q + n0, width);
@@ -755,7 +760,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 // (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
 // forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
 // residual) is re-read and re-written once per chunk. Plain GEMM path only (row-major operands, no
-// VNNI packing): on AMX the saved GEMM costs less than that dW traffic, so the caller runs two passes.
+// VNNI packing); on AMX the caller runs two passes instead.
 template <typename T>
 void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                          const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,

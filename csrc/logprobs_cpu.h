@@ -2,8 +2,9 @@
 //
 // Both passes walk the vocabulary in blocks of kVocabBlock rows (each thread owns a fixed range of
 // blocks) and the tokens in chunks of kTokenChunk, so one logits tile [kVocabBlock, kTokenChunk]
-// lives in a thread's L2 at a time. GEMM tiles run through ATen's brgemm micro-kernel with fp32
-// outputs: bf16 x bf16 -> fp32 on AMX at bf16 speed, so the logits keep fp32 accuracy.
+// lives in a thread's L2 at a time. 16-bit GEMM tiles run through ATen's brgemm with fp32 outputs
+// (bf16 x bf16 -> fp32, on AMX at bf16 speed), so the logits keep fp32 accuracy; fp32 tiles run on
+// at::mm.
 //
 // forward:  logits tile -> online max / sum-exp / sum p(z - max) per token -> logp, lse, entropy.
 // backward: per vocab block, for every token chunk: recompute the tile, form dLoss/dlogits, then

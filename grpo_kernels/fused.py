@@ -16,9 +16,8 @@ the dH and dW GEMMs) instead of three.
 
 The C++ backend runs the one pass on its plain GEMM path (AVX2/AVX-512 CPUs, and fp32 anywhere) in
 chunks of at most 256 tokens, keeping exp(logit - running max) of each chunk (83 MB in bf16 for a
-151936-token vocab; a 16-bit dW spanning several chunks also carries an int8 residual [V, D]); on
-AMX it takes the two passes, where re-reading dW once per chunk would cost more than the GEMM
-saved (backends/cpu.py).
+151936-token vocab; a 16-bit dW spanning several chunks also carries an int8 residual [V, D]); for
+16-bit inputs on AMX it takes the two passes (backends/cpu.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ The kernels write into outputs allocated here (``backends.empty``: NaN in test p
   256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
   add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so
   it is rounded as if accumulated in fp32.
-- amx-vnni: two passes, four GEMMs per token (forward, then the recomputing backward). There one
-  logits GEMM of a 128-token chunk takes about as long as re-reading and re-writing dW with its
-  residual (~0.8 GB), which is what the one-pass schedule pays per chunk, so it would not gain.
+- amx-vnni (16-bit inputs on AMX): two passes, four GEMMs per token (forward, then the
+  recomputing backward), whose GEMMs take VNNI-packed operands. The one-pass gradient step runs
+  its dH and dW GEMMs on unpacked operands; a packed variant has not been built, as no AMX
+  machine was at hand to test and time it against the two passes.
 """
 
 from __future__ import annotations
