@@ -341,6 +341,16 @@ inline void grad_tile_kept(float* e, int64_t vb, int64_t mc, int64_t ldz, const 
   finish_grad_tile(e, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
 }
 
+// sum_j p_j z_j = lse - entropy per token, which the entropy gradient needs (empty without it).
+inline std::vector<float> mean_logits(const float* lse, const c10::optional<at::Tensor>& ent_t, bool need, int64_t n) {
+  std::vector<float> out;
+  if (!need) return out;
+  const float* ent = ent_t->data_ptr<float>();
+  out.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = lse[i] - ent[i];
+  return out;
+}
+
 // Low-precision dW accumulated across token chunks: hi is the output itself, lo an int8 residual in
 // units of ulp(hi) / 256, which carries 8 more mantissa bits from one chunk to the next. Stores round to
 // nearest even, so the vector and scalar forms below give identical bits.
@@ -605,12 +615,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const float* lse = lse_t.data_ptr<float>();
   const float* gl = gl_t.data_ptr<float>();
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
-  std::vector<float> mean_z;
-  if (ge) {
-    const float* ent = ent_t->data_ptr<float>();
-    mean_z.resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) mean_z[n] = lse[n] - ent[n];
-  }
+  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
 
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
   const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
@@ -784,14 +789,9 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   const KeptLayout kl(N, V, h.scalar_type());
   const float* z_t = kl.target_logits(kept);
   const int64_t ldg = kGroup * kVocabBlock + 32;  // rows of dZ [N, group]
-  std::vector<float> mean_z;
   const float* lse = lse_t.data_ptr<float>();
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
-  if (ge) {
-    const float* ent = ent_t->data_ptr<float>();
-    mean_z.resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) mean_z[n] = lse[n] - ent[n];
-  }
+  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
   const GradInputs gin{lse, gl_t.data_ptr<float>(), ge, ge ? mean_z.data() : nullptr};
   std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
 

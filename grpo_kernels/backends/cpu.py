@@ -42,11 +42,15 @@ def gemm_path(dtype: torch.dtype, d: int) -> str:
     return _ext().gemm_path(dtype, d)
 
 
-def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams):
+def _inputs(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor):
+    """The inputs as the kernels take them: contiguous, in a dtype they support."""
     if h.dtype == torch.float64:
         raise TypeError("backend 'cpu' supports float32, bfloat16 and float16; use backend='torch' for float64")
-    h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
-    b = None if b is None else b.contiguous()
+    return h.contiguous(), w.contiguous(), None if b is None else b.contiguous(), t.contiguous()
+
+
+def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams):
+    h, w, b, t = _inputs(h, w, b, t)
     n = h.shape[0]
     logp = empty((n,), torch.float32, h.device)
     lse = empty((n,), torch.float32, h.device)
@@ -73,10 +77,7 @@ def one_pass(dtype: torch.dtype, d: int) -> bool:
 
 
 def forward_backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams, coef_fn, needs):
-    if h.dtype == torch.float64:
-        raise TypeError("backend 'cpu' supports float32, bfloat16 and float16; use backend='torch' for float64")
-    h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
-    b = None if b is None else b.contiguous()
+    h, w, b, t = _inputs(h, w, b, t)
     run = _one_pass_schedule if one_pass(h.dtype, w.shape[1]) else _two_pass_schedule
     return run(h, w, b, t, p, coef_fn, needs)
 
