@@ -376,3 +376,14 @@ def test_module_rejects_bad_construction():
         gk.FusedLinearGRPOLoss({"beta": 0.0})
     with pytest.raises(ValueError, match="backend must be one of"):
         gk.FusedLinearGRPOLoss(gk.GRPOConfig(), backend="gpu")
+
+
+@needs_cpu_ext
+def test_cpu_backend_rejects_float64_and_names_the_fallback():
+    """float64 has no C++ kernels: both public entry points say which backend to use instead."""
+    hidden, weight, _, ids, mask, adv, old, _ = make_problem(dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch' for float64"):
+        gk.linear_logprobs(hidden, weight, ids, backend="cpu")
+    with pytest.raises(TypeError, match="backend='torch' for float64"):
+        gk.fused_linear_grpo_loss(hidden.requires_grad_(True), weight, ids, mask, adv, gk.GRPOConfig(beta=0.0),
+                                  old_logp=old, backend="cpu")
