@@ -335,3 +335,14 @@ def test_reward_timeout_names_the_function():
     worker.join(10)
     assert len(errors) == 1 and "sleepy_reward" in str(errors[0])
     assert compute_rewards([exact_match], ["p"], ["5"], {"answer": ["5"]}, timeout=5.0).tolist() == [[1.0]]
+
+
+def test_flags_given_on_resume_take_effect(tmp_path):
+    """--lr and --weight-decay on resume were recorded in the config but the loaded optimizer kept the old ones."""
+    out = tmp_path / "run"
+    flags = ["--lr-scheduler", "constant", "--warmup-steps", "0"]
+    assert train_cli("--out", str(out), "--steps", "1", "--lr", "0.001", *flags) == 0
+    assert train_cli("--resume", str(out), "--steps", "2", "--lr", "0.004", "--weight-decay", "0.1") == 0
+    assert [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0.001, 0.004]
+    state = read_state(latest_checkpoint(out))
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1 and state["scheduler"]["base_lrs"] == [0.004]

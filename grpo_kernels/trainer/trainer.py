@@ -458,8 +458,25 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.generator)
+        self._apply_config_to_optimizer()
         self.step = state["step"]
         return ckpt
+
+    def _apply_config_to_optimizer(self) -> None:
+        """Make this run's learning rate, schedule and weight decay the ones in force after a resume.
+
+        The loaded optimizer and scheduler states carry the values of the run that saved them, so
+        without this ``--resume RUN --lr X`` would record X in the config and keep training at the
+        old rate. The rate is recomputed with the scheduler's own formula (``base * factor(update)``),
+        so with unchanged settings it is bitwise the one that was saved.
+        """
+        cfg, sched = self.config, self.scheduler
+        sched.base_lrs = [cfg.learning_rate for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = cfg.learning_rate
+            group["lr"] = cfg.learning_rate * factor(sched.last_epoch)
+            group["weight_decay"] = cfg.weight_decay
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
 
 
 def _unique(names: list[str]) -> list[str]:
