@@ -165,6 +165,11 @@ def test_resume_of_a_moved_run_writes_where_the_run_is(tmp_path):
     assert train_cli("--resume", str(new / "checkpoints" / "step_00000002"), "--steps", "3") == 0
     assert not old.exists() and latest_checkpoint(new).name == "step_00000003"
     assert read_state(latest_checkpoint(new))["config"]["out_dir"] == str(new)
+    other = tmp_path / "other"  # --out naming a directory that holds another run is refused, not mixed in
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="another run"):
+        train_cli("--resume", str(new), "--out", str(other), "--steps", "4")
 
 
 def test_run_stopped_before_its_first_checkpoint_restarts_with_one_flag(tmp_path, capsys):
@@ -204,6 +209,12 @@ def test_foreign_directory_under_checkpoints_is_ignored(tmp_path):
     assert train_cli("--resume", str(out), "--steps", "3", "--save-steps", "1", "--keep-checkpoints", "1") == 0
     assert latest_checkpoint(out).name == "step_00000003"
     assert (foreign / "notes.txt").is_file()  # retention never deletes what it did not write
+    clash = out / "checkpoints" / "step_00000004"  # a foreign directory at the very step the run saves next
+    clash.mkdir()
+    (clash / "notes.txt").write_text("mine")
+    assert train_cli("--resume", str(out), "--steps", "4") == 0
+    assert (read_state(latest_checkpoint(out))["step"] == 4
+            and [p.read_text() for p in (out / "checkpoints").glob("step_00000004.not-a-checkpoint-*/notes.txt")] == ["mine"])
 
 
 # The child trains with a checkpoint every step and freezes inside the checkpoint write of step
@@ -230,6 +241,8 @@ def _train_and_kill(kill_at: int, flags: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(kill_at), *TINY, *flags], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(120, child.kill)  # a child that never reaches the write must not hang the suite
+    watchdog.start()
     try:
         lines = []
         for line in child.stdout:
@@ -240,6 +253,7 @@ def _train_and_kill(kill_at: int, flags: list[str]) -> None:
         else:
             pytest.fail("the child finished without reaching the checkpoint write:\n" + "".join(lines))
     finally:
+        watchdog.cancel()
         child.kill()
         child.wait(30)
     assert child.returncode == -signal.SIGKILL

@@ -108,6 +108,11 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
+    if final.exists() and not (final / STATE_FILE).is_file():
+        # Not ours (our rename only publishes complete checkpoints): keep it, out of the way.
+        aside = final.with_name(f"{final.name}.not-a-checkpoint-{os.getpid()}")
+        os.replace(final, aside)
+        print(f"grpo: {final} was not a checkpoint (no {STATE_FILE}); moved it to {aside}")
     if final.exists():  # the same step saved again (a resumed run): retire the old copy first
         _retire(final)
     os.replace(tmp, final)
@@ -303,8 +308,9 @@ def check_like(path: Path, field: str, got: Any, want: Any) -> None:
         for k in want:
             if str(k) not in got:
                 raise CheckpointError(f"{path}: {field}.{k} must be present; the field is missing")
+        names = {str(w) for w in want}
         for k in got:
-            if k not in {str(w) for w in want}:
+            if k not in names:
                 raise CheckpointError(f"{path}: {field}.{k} is not expected here (the fields are "
                                       f"{', '.join(map(str, want))})")
         for k, v in want.items():
@@ -415,8 +421,7 @@ def read_optimizer(path: Path, file: Path, optimizer: torch.optim.Optimizer, met
     that exists, has that parameter's shape (scalars excepted) and is finite.
     """
     live = optimizer.state_dict()
-    check_like(path, "optimizer", {k: v for k, v in meta.items() if k != "scalars"} if isinstance(meta, dict) else meta,
-               {"param_groups": live["param_groups"]})
+    check_like(path, "optimizer", {k: v for k, v in meta.items() if k != "scalars"}, {"param_groups": live["param_groups"]})
     if not isinstance(meta.get("scalars"), dict):
         raise CheckpointError(f"{path}: optimizer.scalars must be a JSON object; got {_short(meta.get('scalars'))}")
     ranges = {"lr": (lambda v: v >= 0, "a number >= 0"), "initial_lr": (lambda v: v > 0, "a number > 0"),
@@ -437,7 +442,9 @@ def read_optimizer(path: Path, file: Path, optimizer: torch.optim.Optimizer, met
             raise CheckpointError(f"{path}: optimizer.scalars.{idx} must be an object for a parameter index below "
                                   f"{len(params)}; got {_short(st)}")
         for k, v in st.items():
-            check_like(path, f"optimizer.scalars.{idx}.{k}", v, v if isinstance(v, (bool, str, type(None))) else 0.0)
+            if not (v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v))):
+                raise CheckpointError(f"{path}: optimizer.scalars.{idx}.{k} must be a finite number, true/false, a "
+                                      f"string or null; got {_short(v)}")
         state.setdefault(int(idx), {}).update(st)
     for key, t in load_file(str(file)).items():
         idx, _, name = key.partition(".")

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue from the newest complete checkpoint of a run (or from a checkpoint dir), with its "
-                            "saved settings; it writes where the run is now, unless --out is given")
+                            "saved settings (flags given override them); every state.json field and each file's "
+                            "checksum is verified first; it writes where the run is now, unless --out is given")
     again.add_argument("--restart", action="store_true",
                        help="start again from step 0 in an --out directory whose run stopped before its first checkpoint "
                             "(its metrics are replaced); a run with a checkpoint is resumed, never restarted over")
@@ -125,6 +126,10 @@ def _settings(args: argparse.Namespace) -> tuple[TrainerConfig, dict[str, Any], 
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     out = Path(config.out_dir)
+    run = None if ckpt is None else _run_dir(ckpt)
+    if ckpt is not None and (run is None or out.resolve() != run.resolve()) and _holds_run(out):
+        raise SystemExit(f"error: --out {out} already holds another run; resuming {ckpt} there would mix the two runs' "
+                         "metrics and checkpoints: choose another --out")
     if ckpt is None and _holds_run(out):
         found = latest_checkpoint(out / "checkpoints")
         if found is not None:

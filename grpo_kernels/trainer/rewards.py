@@ -60,7 +60,7 @@ def _call(fn: RewardFn, kwargs: dict[str, Any], timeout: Optional[float]) -> Any
                 signal.setitimer(signal.ITIMER_REAL, 0)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
             if outer_delay:  # someone else's timer was running: give it back what is left of it
                 left = outer_delay - (time.monotonic() - start)
                 signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
