@@ -6,7 +6,7 @@ model's final hidden states: one file per step of the story (tasks -> rewards ->
 the model/tokenizer loading, checkpoints, metrics and the command line.
 """
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint
 from .config import TrainerConfig
 from .metrics import plot_metrics
 from .model import HeadSpec, build_tokenizer, completion_hidden, lm_head, load_model_and_tokenizer
@@ -17,6 +17,7 @@ from .trainer import Batch, GRPOTrainer
 __all__ = [
     "ArithmeticTask",
     "Batch",
+    "CheckpointError",
     "GRPOTrainer",
     "HeadSpec",
     "RewardFn",

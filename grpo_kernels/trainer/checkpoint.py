@@ -7,13 +7,24 @@ the commit, so a directory named ``step_<N>`` is always complete, and a kill at 
 at worst a ``.tmp-*`` directory that is ignored and cleaned up. Old checkpoints are renamed away
 before they are deleted, for the same reason.
 
+Only complete checkpoints count: a ``step_<N>`` directory without ``state.json`` (not ours) is
+ignored when looking for the newest one, and never deleted. ``state.json`` is written last and
+records the size and SHA-256 of every other file; :func:`read_state` checks every field of it
+(types, ranges, the step against the directory's name and the config) and verifies the
+checksums, so an edited or corrupted checkpoint is refused with an error naming the file and
+the field instead of resuming from wrong numbers.
+
 Loading reads safetensors and JSON only: a checkpoint from an untrusted source cannot run code.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -26,9 +37,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-FORMAT_VERSION = 1
+from .config import TrainerConfig
+
+# 2: state.json records a checksum per file (format 1 checkpoints had none and are refused).
+FORMAT_VERSION = 2
 STATE_FILE = "state.json"
+# Every top-level field of state.json; read_state refuses a missing or unknown one.
+STATE_KEYS = ("format", "step", "config", "metadata", "scheduler", "optimizer", "rng", "files")
+# Tensor files every checkpoint has (ref_model.safetensors too when beta > 0).
+REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors")
 _NAME = re.compile(r"^step_(\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted; the message names the file and the field."""
 
 
 def step_dir_name(step: int) -> str:
@@ -36,10 +59,16 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under root, oldest first."""
+    """Complete checkpoints under root (``step_<N>`` directories holding a state.json), oldest first.
+
+    A ``step_<N>`` directory without state.json was not written by :func:`write_checkpoint` (whose
+    rename only ever publishes complete ones): it is not a checkpoint, so it is neither resumed
+    from nor deleted by the retention of old checkpoints.
+    """
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -67,6 +96,8 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
 
     Keeps the ``keep`` newest checkpoints and returns the new one's path.
     """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"write_checkpoint: step must be an int >= 0; got {step!r}")
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
@@ -77,6 +108,11 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
+    if final.exists() and not (final / STATE_FILE).is_file():
+        # Not ours (our rename only publishes complete checkpoints): keep it, out of the way.
+        aside = final.with_name(f"{final.name}.not-a-checkpoint-{os.getpid()}")
+        os.replace(final, aside)
+        print(f"grpo: {final} was not a checkpoint (no {STATE_FILE}); moved it to {aside}")
     if final.exists():  # the same step saved again (a resumed run): retire the old copy first
         _retire(final)
     os.replace(tmp, final)
@@ -97,12 +133,213 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's state.json, checked for the format version."""
-    state = json.loads((ckpt / STATE_FILE).read_text())
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, as state.json records it."""
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def write_state(d: Path, state: dict[str, Any]) -> None:
+    """Write ``d/state.json`` last: ``state`` plus ``files``, the size and SHA-256 of every other file in d."""
+    files = {f.name: file_digest(f) for f in sorted(d.iterdir()) if f.name != STATE_FILE}
+    write_json(d / STATE_FILE, {**state, "files": files})
+
+
+def read_state(ckpt: Path, verify_files: bool = True) -> dict[str, Any]:
+    """The checkpoint's state.json with every field checked, and (``verify_files``) every file's checksum.
+
+    Checked here: the format version; exactly the fields of :data:`STATE_KEYS`; ``config`` is a
+    valid :class:`TrainerConfig` with exactly its fields; ``step`` is an int in ``[0,
+    config.steps]`` equal to the directory's ``step_<N>``; ``metadata``, ``scheduler`` and
+    ``optimizer`` are objects (the trainer checks the last two against its live optimizer); each
+    RNG state is one its generator accepts; ``files`` lists at least :data:`REQUIRED_FILES`, and
+    each listed file exists with the recorded size and SHA-256.
+
+    Raises:
+        CheckpointError: naming state.json (or the file whose checksum fails) and the field.
+    """
+    path = ckpt / STATE_FILE
+
+    def bad(field: str, expected: str, got: Any) -> CheckpointError:
+        return CheckpointError(f"{path}: {field} must be {expected}; got {_short(got)}")
+
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(state, dict):
+        raise bad("the top level", "a JSON object", state)
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{ckpt}: checkpoint format {state.get('format')!r} is not the supported {FORMAT_VERSION}")
+        old = " (format 1 was written before checksums were recorded)" if state.get("format") == 1 else ""
+        raise bad("format", f"{FORMAT_VERSION}, the version this grpo_kernels reads{old}", state.get("format"))
+    for key in STATE_KEYS:
+        if key not in state:
+            raise CheckpointError(f"{path}: {key} must be present; the field is missing")
+    for key in state:
+        if key not in STATE_KEYS:
+            raise bad(key, "absent (not a checkpoint field: " + ", ".join(STATE_KEYS) + ")", state[key])
+    for key in ("config", "metadata", "scheduler", "optimizer", "rng", "files"):
+        if not isinstance(state[key], dict):
+            raise bad(key, "a JSON object", state[key])
+
+    config = _check_config(path, state["config"])
+    step = state["step"]
+    if not _is_int(step) or not 0 <= step <= config.steps:
+        raise bad("step", f"an int in [0, config.steps = {config.steps}]", step)
+    m = _NAME.match(ckpt.name)
+    if m and int(m.group(1)) != step:
+        raise bad("step", f"{int(m.group(1))}, the step in the directory's name", step)
+    _check_rng(path, state["rng"])
+    _check_files(ckpt, state["files"], verify_files)
     return state
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_config(path: Path, values: dict[str, Any]) -> TrainerConfig:
+    names = [f.name for f in dataclasses.fields(TrainerConfig)]
+    for key in values:
+        if key not in names:
+            raise CheckpointError(f"{path}: config.{key} is not a TrainerConfig field")
+    for name in names:
+        if name not in values:
+            raise CheckpointError(f"{path}: config.{name} must be present; the field is missing")
+    try:
+        return TrainerConfig(**values)
+    except (TypeError, ValueError) as exc:
+        # The config's messages read "<Class>: <field> must be ...": name the field's place in the file.
+        m = re.match(r"^\w+: (\w+) ", str(exc))
+        where = f"config.{m.group(1)}" if m else "config"
+        raise CheckpointError(f"{path}: {where}: {exc}") from exc
+
+
+def _check_rng(path: Path, rng: dict[str, Any]) -> None:
+    """Each saved RNG state is tried on a throwaway generator of its kind, so a bad one names its field."""
+    allowed = ("python", "numpy", "torch", "generator", "cuda")
+    for key in rng:
+        if key not in allowed:
+            raise CheckpointError(f"{path}: rng.{key} is not an RNG this trainer saves ({', '.join(allowed)})")
+    for key in ("python", "numpy", "torch", "generator"):
+        if key not in rng:
+            raise CheckpointError(f"{path}: rng.{key} must be present; the field is missing")
+
+    def bad(key: str, expected: str, exc: Optional[BaseException] = None) -> CheckpointError:
+        why = f" ({exc})" if exc is not None else ""
+        return CheckpointError(f"{path}: rng.{key} must be {expected}; got {_short(rng[key])}{why}")
+
+    py = rng["python"]
+    if not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and all(_is_int(v) for v in py[1])):
+        raise bad("python", "[version, 625 ints, gauss] as random.getstate() gives")
+    try:
+        random.Random().setstate((py[0], tuple(py[1]), py[2]))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise bad("python", "a state random.setstate accepts", exc) from exc
+    npy = rng["numpy"]
+    if not (isinstance(npy, list) and len(npy) == 5 and isinstance(npy[1], list)
+            and all(_is_int(v) and 0 <= v < 2**32 for v in npy[1])):
+        raise bad("numpy", "[name, 624 uint32 keys, pos, has_gauss, cached] as numpy.random.get_state() gives")
+    try:
+        np.random.RandomState().set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise bad("numpy", "a state numpy.random.set_state accepts", exc) from exc
+    for key in ("torch", "generator"):
+        try:
+            torch.Generator().set_state(_unb64(rng[key]))
+        except (TypeError, ValueError, RuntimeError, binascii.Error) as exc:
+            raise bad(key, "a base64 torch.Generator state", exc) from exc
+    if "cuda" in rng:
+        cuda = rng["cuda"]
+        if not isinstance(cuda, list):
+            raise bad("cuda", "a list of base64 CUDA generator states")
+        for s in cuda:
+            try:
+                _unb64(s)
+            except (TypeError, ValueError, binascii.Error) as exc:
+                raise bad("cuda", "a list of base64 CUDA generator states", exc) from exc
+
+
+def _check_files(ckpt: Path, files: dict[str, Any], verify: bool) -> None:
+    path = ckpt / STATE_FILE
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{path}: files must list {name}; it lists {sorted(files)}")
+    for name, entry in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..", STATE_FILE) or "/" in name or "\\" in name:
+            raise CheckpointError(f"{path}: files must name files of the checkpoint directory; got {_short(name)}")
+        if not (isinstance(entry, dict) and set(entry) == {"bytes", "sha256"} and _is_int(entry["bytes"])
+                and entry["bytes"] >= 0 and isinstance(entry["sha256"], str) and _SHA256.match(entry["sha256"])):
+            raise CheckpointError(f"{path}: files.{name} must be {{\"bytes\": int, \"sha256\": 64 hex digits}}; "
+                                  f"got {_short(entry)}")
+    if not verify:
+        return
+    for name, entry in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing, but {STATE_FILE} lists it")
+        got = file_digest(f)
+        if got != entry:
+            raise CheckpointError(
+                f"{f}: checksum mismatch ({got['bytes']} bytes, sha256 {got['sha256'][:16]}...; {STATE_FILE} records "
+                f"{entry['bytes']} bytes, sha256 {entry['sha256'][:16]}...): the file is corrupted or was changed "
+                "after the checkpoint was written")
+
+
+def check_like(path: Path, field: str, got: Any, want: Any) -> None:
+    """``got`` (read from JSON) has the structure of ``want`` (the live object's state).
+
+    Same keys for dicts, same lengths for lists and tuples, same kinds of leaves (bool, str,
+    None, or a finite number: int and float are interchangeable); the error names ``field``
+    down to the offending leaf, e.g. ``optimizer.param_groups[0].lr``.
+    """
+    def bad(expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {field} must be {expected}; got {_short(got)}")
+
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            raise bad("a JSON object")
+        for k in want:
+            if str(k) not in got:
+                raise CheckpointError(f"{path}: {field}.{k} must be present; the field is missing")
+        names = {str(w) for w in want}
+        for k in got:
+            if k not in names:
+                raise CheckpointError(f"{path}: {field}.{k} is not expected here (the fields are "
+                                      f"{', '.join(map(str, want))})")
+        for k, v in want.items():
+            check_like(path, f"{field}.{k}", got[str(k)], v)
+    elif isinstance(want, (list, tuple)):
+        if not isinstance(got, list) or len(got) != len(want):
+            raise bad(f"a list of {len(want)}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            check_like(path, f"{field}[{i}]", g, w)
+    elif want is None:
+        if got is not None:
+            raise bad("null")
+    elif isinstance(want, bool):
+        if not isinstance(got, bool):
+            raise bad("true or false")
+    elif isinstance(want, (int, float)):
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
+            raise bad("a finite number")
+    elif isinstance(want, str):
+        if not isinstance(got, str):
+            raise bad("a string")
+    else:  # a state the trainer never writes as JSON
+        raise CheckpointError(f"{path}: {field} cannot be checked (a {type(want).__name__} in the live state)")
+
+
+def check_range(path: Path, field: str, got: Any, ok: Callable[[Any], bool], expected: str) -> None:
+    """Refuse ``got`` unless ``ok(got)``, naming ``field`` and what was ``expected``."""
+    if not ok(got):
+        raise CheckpointError(f"{path}: {field} must be {expected}; got {_short(got)}")
 
 
 def _b64(t: Tensor) -> str:
@@ -110,7 +347,9 @@ def _b64(t: Tensor) -> str:
 
 
 def _unb64(s: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    if not isinstance(s, str):
+        raise TypeError(f"expected a base64 string, got {type(s).__name__}")
+    return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -155,13 +394,92 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, An
     return {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
-    """Inverse of :func:`save_optimizer`."""
+def check_scheduler(path: Path, saved: Any, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """A scheduler state read from ``path`` has the live scheduler's structure and sane values.
+
+    Besides the structure (:func:`check_like`; a LambdaLR's ``lr_lambdas`` must be null, since a
+    saved object there would be written into the closure), the counters are ints >= 0 and the
+    learning rates finite, base rates > 0.
+    """
+    live = scheduler.state_dict()
+    check_like(path, "scheduler", saved, live)
+    for key, low in (("last_epoch", 0), ("_step_count", 1)):
+        if key in live:
+            check_range(path, f"scheduler.{key}", saved[key], lambda v, low=low: _is_int(v) and v >= low, f"an int >= {low}")
+    for i, lr in enumerate(saved.get("base_lrs", [])):
+        check_range(path, f"scheduler.base_lrs[{i}]", lr, lambda v: v > 0, "a number > 0")
+    for i, lr in enumerate(saved.get("_last_lr", [])):
+        check_range(path, f"scheduler._last_lr[{i}]", lr, lambda v: v >= 0, "a number >= 0")
+
+
+def read_optimizer(path: Path, file: Path, optimizer: torch.optim.Optimizer, meta: Any) -> dict[str, Any]:
+    """The optimizer state dict to load, from ``file`` (tensors) and ``meta`` (state.json's ``optimizer``).
+
+    Checked against the live optimizer before anything is loaded: the param groups have its
+    structure and parameter indices, their hyper-parameters are in range (lr >= 0, eps > 0,
+    weight decay >= 0, betas in [0, 1)), every tensor is ``<param index>.<name>`` of a parameter
+    that exists, has that parameter's shape (scalars excepted) and is finite.
+    """
+    live = optimizer.state_dict()
+    check_like(path, "optimizer", {k: v for k, v in meta.items() if k != "scalars"}, {"param_groups": live["param_groups"]})
+    if not isinstance(meta.get("scalars"), dict):
+        raise CheckpointError(f"{path}: optimizer.scalars must be a JSON object; got {_short(meta.get('scalars'))}")
+    ranges = {"lr": (lambda v: v >= 0, "a number >= 0"), "initial_lr": (lambda v: v > 0, "a number > 0"),
+              "eps": (lambda v: v > 0, "a number > 0"), "weight_decay": (lambda v: v >= 0, "a number >= 0")}
+    for i, (group, want) in enumerate(zip(meta["param_groups"], live["param_groups"])):
+        where = f"optimizer.param_groups[{i}]"
+        check_range(path, f"{where}.params", group["params"], lambda v, w=want["params"]: v == w,
+                    f"{want['params']}, this optimizer's parameter indices")
+        for key, (ok, expected) in ranges.items():
+            if key in group:
+                check_range(path, f"{where}.{key}", group[key], ok, expected)
+        for j, beta in enumerate(group.get("betas", [])):
+            check_range(path, f"{where}.betas[{j}]", beta, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
-    for key, t in load_file(str(path)).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
     for idx, st in meta["scalars"].items():
+        if not (idx.isdigit() and int(idx) < len(params) and isinstance(st, dict)):
+            raise CheckpointError(f"{path}: optimizer.scalars.{idx} must be an object for a parameter index below "
+                                  f"{len(params)}; got {_short(st)}")
+        for k, v in st.items():
+            if not (v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v))):
+                raise CheckpointError(f"{path}: optimizer.scalars.{idx}.{k} must be a finite number, true/false, a "
+                                      f"string or null; got {_short(v)}")
         state.setdefault(int(idx), {}).update(st)
+    for key, t in load_file(str(file)).items():
+        idx, _, name = key.partition(".")
+        if not (idx.isdigit() and int(idx) < len(params) and name):
+            raise CheckpointError(f"{file}: tensor {key!r} is not '<parameter index>.<state name>' for this optimizer's "
+                                  f"{len(params)} parameters")
+        p = params[int(idx)]
+        if t.dim() > 0 and t.shape != p.shape:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(t.shape)}; its parameter has {list(p.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file}: tensor {key!r} holds non-finite values")
+        state.setdefault(int(idx), {})[name] = t
+    names = {frozenset(st) for st in state.values()}
+    if len(names) > 1:
+        raise CheckpointError(f"{file}: parameters hold different optimizer states ({sorted(map(sorted, names))})")
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def read_weights(file: Path, model: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors of a model file, checked to be exactly this model's: names, shapes and dtypes.
+
+    A tensor the file leaves out is allowed only when it is tied to one it has (save_model writes
+    tied weights once). Load the result with ``model.load_state_dict(tensors, strict=False)``.
+    """
+    tensors = load_file(str(file))
+    live = model.state_dict()
+    for key, t in tensors.items():
+        if key not in live:
+            raise CheckpointError(f"{file}: tensor {key!r} is not a parameter or buffer of this {type(model).__name__}")
+        if t.shape != live[key].shape or t.dtype != live[key].dtype:
+            raise CheckpointError(f"{file}: tensor {key!r} is {t.dtype} {list(t.shape)}; the model's is "
+                                  f"{live[key].dtype} {list(live[key].shape)}")
+    stored = {live[key].data_ptr() for key in tensors}
+    for key, t in live.items():
+        if key not in tensors and t.data_ptr() not in stored:
+            raise CheckpointError(f"{file}: has no tensor {key!r}, which this {type(model).__name__} has")
+    return tensors

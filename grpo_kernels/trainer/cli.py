@@ -4,13 +4,16 @@ With no flags it builds the built-in tiny model (random weights, nothing downloa
 its held-out greedy accuracy on two-digit addition, trains it with GRPO, and reports the accuracy
 again, with where the metrics, the checkpoint and the plot went. Every TrainerConfig field is a
 flag (``--num-generations 8``); ``--resume RUN_DIR`` continues a run with its saved settings,
-overridden only by flags given explicitly.
+overridden only by flags given explicitly, in the directory the checkpoint is in (wherever the run
+has been moved to) unless ``--out`` says otherwise. A run stopped before its first checkpoint has
+nothing to resume: ``--restart`` starts it again from step 0 in its directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 import typing
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, read_state
+from .checkpoint import STATE_FILE, latest_checkpoint, read_state
 from .config import TrainerConfig
 from .model import load_model_and_tokenizer
 from .tasks import ArithmeticTask, digit_match, exact_match
@@ -57,11 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"task: held-out prompts, never trained on (default: {task.num_eval})")
     train.add_argument("--shaping-weight", type=float, default=argparse.SUPPRESS,
                        help=f"weight of the digit_match shaping reward next to exact_match (default: {DEFAULT_SHAPING_WEIGHT})")
-    train.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue from the newest checkpoint of a run (or a checkpoint dir)")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue from the newest complete checkpoint of a run (or from a checkpoint dir), with its "
+                            "saved settings (flags given override them); every state.json field and each file's "
+                            "checksum is verified first; it writes where the run is now, unless --out is given")
+    again.add_argument("--restart", action="store_true",
+                       help="start again from step 0 in an --out directory whose run stopped before its first checkpoint "
+                            "(its metrics are replaced); a run with a checkpoint is resumed, never restarted over")
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in model, torch's default otherwise)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _run_dir(ckpt: Path) -> Optional[Path]:
+    """The run directory a checkpoint belongs to: ``RUN/checkpoints/step_N`` -> ``RUN`` (None elsewhere)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def _holds_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
 
 
 def _settings(args: argparse.Namespace) -> tuple[TrainerConfig, dict[str, Any], Optional[Path]]:
@@ -71,11 +90,29 @@ def _settings(args: argparse.Namespace) -> tuple[TrainerConfig, dict[str, Any], 
     task_keys = {"max_operand", "ops", "num_eval", "shaping_weight"}
     ckpt = None
     if args.resume:
-        ckpt = latest_checkpoint(Path(args.resume))
+        where = Path(args.resume)
+        ckpt = latest_checkpoint(where)
         if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint found in {args.resume}")
-        state = read_state(ckpt)
-        config_values, task_values = state["config"], dict(state["metadata"].get("task", {}))
+            if _holds_run(where):
+                raise SystemExit(f"--resume: the run in {where} stopped before its first checkpoint, so there is nothing "
+                                 f"to resume; start it again from step 0 with its flags and --out {where} --restart")
+            raise SystemExit(f"--resume: no checkpoint found in {where}")
+        try:
+            state = read_state(ckpt, verify_files=False)  # the files' checksums: when the checkpoint is loaded
+            task_values = state["metadata"].get("task", {})
+            if not isinstance(task_values, dict):
+                raise ValueError(f"{ckpt / STATE_FILE}: metadata.task must be a JSON object; got {task_values!r}")
+            _task(task_values, where=f"{ckpt / STATE_FILE}: metadata.task: ")
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        config_values, task_values = dict(state["config"]), dict(task_values)
+        if "out_dir" not in given:
+            # Continue where the run is now: it may have been moved since state.json recorded out_dir.
+            run = _run_dir(ckpt)
+            if run is None:
+                raise SystemExit(f"--resume: {ckpt} is not in a run's checkpoints/ directory, so there is no run "
+                                 "directory to continue in; pass --out DIR")
+            config_values["out_dir"] = str(run)
     else:
         config_values = {"out_dir": time.strftime("runs/grpo-%Y%m%d-%H%M%S")}
         task_values = {}
@@ -89,16 +126,30 @@ def _settings(args: argparse.Namespace) -> tuple[TrainerConfig, dict[str, Any], 
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     out = Path(config.out_dir)
-    if ckpt is None and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise SystemExit(f"error: {out} already holds a run; pass --resume {out} to continue it, or choose another --out")
+    run = None if ckpt is None else _run_dir(ckpt)
+    if ckpt is not None and (run is None or out.resolve() != run.resolve()) and _holds_run(out):
+        raise SystemExit(f"error: --out {out} already holds another run; resuming {ckpt} there would mix the two runs' "
+                         "metrics and checkpoints: choose another --out")
+    if ckpt is None and _holds_run(out):
+        found = latest_checkpoint(out / "checkpoints")
+        if found is not None:
+            raise SystemExit(f"error: {out} already holds a run (checkpoint {found.name}); pass --resume {out} to "
+                             "continue it, or choose another --out")
+        if not args.restart:
+            raise SystemExit(f"error: {out} holds a run that stopped before its first checkpoint; add --restart to "
+                             "start it again from step 0 there (its metrics are replaced), or choose another --out")
     return config, task_values, ckpt
 
 
-def _task(values: dict[str, Any]) -> ArithmeticTask:
+def _task(values: dict[str, Any], where: str = "") -> ArithmeticTask:
+    """The task from its settings (``where`` prefixes the error: the file they were read from)."""
+    shaping = values.get("shaping_weight", DEFAULT_SHAPING_WEIGHT)
+    if isinstance(shaping, bool) or not isinstance(shaping, (int, float)) or not math.isfinite(shaping):
+        raise SystemExit(f"error: {where}shaping_weight must be a finite number; got {shaping!r}")
     try:
         return ArithmeticTask(**{k: v for k, v in values.items() if k != "shaping_weight"})
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {where}{exc}") from exc
 
 
 def train(args: argparse.Namespace) -> int:
@@ -123,8 +174,13 @@ def train(args: argparse.Namespace) -> int:
     print(f"model: {where}, {n_params / 1e6:.2f}M parameters; task: {len(train_rows)} training prompts like "
           f"{train_rows[0]['prompt']!r}, {len(eval_rows)} held-out prompts")
     if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}")
+        try:
+            trainer.load_checkpoint(ckpt)
+        except ValueError as exc:  # CheckpointError: names the file and the field
+            raise SystemExit(f"error: {exc}") from exc
+        print(f"resumed from {ckpt} at step {trainer.step}, writing to {config.out_dir}")
+        if trainer.step == config.steps:
+            print(f"the run is complete at step {trainer.step}; pass --steps N (> {trainer.step}) to train it further")
     before = trainer.evaluate()
     print(f"held-out greedy accuracy at step {trainer.step}: {before:.3f}")
     t_train = time.perf_counter()

@@ -65,6 +65,8 @@ class TrainerConfig:
     save_steps: int = field(default=500, metadata=_help("checkpoint every this many steps (0: only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("most recent checkpoints kept on disk"))
     eval_steps: int = field(default=50, metadata=_help("held-out greedy accuracy every this many steps (0: never during training)"))
+    reward_timeout: float = field(default=0.0, metadata=_help(
+        "seconds one reward-function call may take; past it training stops with an error naming the function (0: no limit)"))
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -99,6 +101,8 @@ class TrainerConfig:
             raise bad("weight_decay", "a number >= 0")
         if not is_num(self.max_grad_norm) or self.max_grad_norm <= 0:
             raise bad("max_grad_norm", "a number > 0")
+        if not is_num(self.reward_timeout) or self.reward_timeout < 0:
+            raise bad("reward_timeout", "a number >= 0 (seconds; 0: no limit)")
         if not is_num(self.ref_sync_alpha) or not 0 < self.ref_sync_alpha <= 1:
             raise bad("ref_sync_alpha", "a number in (0, 1]")
         choices = {"lr_scheduler": SCHEDULES, "dtype": DTYPES, "backend": TRAINER_BACKENDS, "loss_type": LOSS_TYPES,

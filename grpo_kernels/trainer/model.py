@@ -55,17 +55,32 @@ def load_model_and_tokenizer(path: Optional[str], seed: int) -> tuple[PreTrained
     """A causal LM and its tokenizer, float32, from a local directory or (path None) the built-in tiny model.
 
     The built-in model's weights are drawn from ``torch.manual_seed(seed)``, so a seed names a model.
-    Local directories are read with ``local_files_only``: nothing is fetched from a hub.
+    Local directories are read with ``local_files_only``: nothing is fetched from a hub. Every load
+    passes ``trust_remote_code=False``: a directory whose config or tokenizer points at its own
+    Python code (``auto_map``) is refused, never run, and never prompts "run custom code? [y/N]".
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        ValueError: the directory asks to run its own code (the message says so).
     """
     if path is None:
-        tokenizer = AutoTokenizer.from_pretrained(ASSETS)
+        tokenizer = AutoTokenizer.from_pretrained(ASSETS, trust_remote_code=False)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS), dtype=torch.float32)
+        config = AutoConfig.from_pretrained(ASSETS, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     else:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--model: {path!r} is not a directory (a local Hugging Face model directory is expected)")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                         trust_remote_code=False)
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc):
+                raise
+            raise ValueError(f"--model: {path} asks to run its own Python code (auto_map in its config or tokenizer "
+                             "config); grpo_kernels loads models with trust_remote_code=False, so only architectures "
+                             "built into transformers can be trained") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Decoder-only generation appends to the right, so prompts are padded on the left.

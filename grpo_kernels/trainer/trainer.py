@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -44,14 +44,17 @@ from ..policy_loss import GRPOLossOutput
 from .checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
+    CheckpointError,
+    check_scheduler,
     latest_checkpoint,
-    load_optimizer,
+    read_optimizer,
     read_state,
+    read_weights,
     rng_state,
     save_optimizer,
     set_rng_state,
     write_checkpoint,
-    write_json,
+    write_state,
 )
 from .config import TrainerConfig
 from .metrics import JsonlLog, plot_metrics
@@ -157,6 +160,7 @@ class GRPOTrainer:
         self.reward_names = _unique([reward_name(f) for f in reward_fns])
         self.eval_rows = None if eval_rows is None else list(eval_rows)
         self.eval_fn = eval_fn
+        self.reward_timeout = config.reward_timeout or None  # 0: no limit
         self.metadata = metadata or {}
         self.device = next(model.parameters()).device
         self.bf16 = config.dtype == "bfloat16"
@@ -240,7 +244,7 @@ class GRPOTrainer:
     def rewards(self, batch: Batch) -> Tensor:
         """Rewards [B, R] of a batch, one column per reward function, NaN for unscorable."""
         columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
-        return compute_rewards(self.reward_fns, batch.prompts, batch.completions, columns)
+        return compute_rewards(self.reward_fns, batch.prompts, batch.completions, columns, timeout=self.reward_timeout)
 
     def advantages(self, rewards: Tensor) -> Tensor:
         """Advantages [B] from rewards [B, R]: weighted, normalized within each prompt's group."""
@@ -362,7 +366,8 @@ class GRPOTrainer:
             prompts = [r["prompt"] for r in chunk]
             ids, mask, P = self._generate(prompts, self.greedy)
             columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
-            scores.append(compute_rewards([self.eval_fn], prompts, self._decode(ids[:, P:], mask[:, P:]), columns)[:, 0])
+            completions = self._decode(ids[:, P:], mask[:, P:])
+            scores.append(compute_rewards([self.eval_fn], prompts, completions, columns, timeout=self.reward_timeout)[:, 0])
         return _nanmean(torch.cat(scores))
 
     # ---------------------------------------------------------------- the loop
@@ -407,7 +412,8 @@ class GRPOTrainer:
             if self.ref_model is not None:
                 save_model(self.ref_model, str(d / "ref_model.safetensors"))
             optimizer = save_optimizer(self.optimizer, d / "optimizer.safetensors")
-            write_json(d / STATE_FILE, {
+            # Last: state.json records the checksum of each tensor file written above.
+            write_state(d, {
                 "format": FORMAT_VERSION, "step": self.step, "config": cfg.to_dict(), "metadata": self.metadata,
                 "scheduler": self.scheduler.state_dict(), "optimizer": optimizer, "rng": rng_state(self.generator),
             })
@@ -417,25 +423,60 @@ class GRPOTrainer:
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore model, reference model, optimizer, scheduler, RNGs and step from a checkpoint.
 
-        ``path`` is a checkpoint directory, or a run directory (its newest checkpoint is used).
-        Only safetensors and JSON are read. Returns the checkpoint's path.
+        ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint is
+        used). Only safetensors and JSON are read. Everything is checked before anything is
+        loaded (every state.json field, each tensor file's checksum, names and shapes against
+        this trainer's model and optimizer), so on error the trainer is unchanged. Returns the
+        checkpoint's path.
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at ``path``.
+            CheckpointError: a field or file that fails a check (the message names it), or a
+                checkpoint past this run's ``config.steps``.
         """
         ckpt = latest_checkpoint(Path(path))
         if ckpt is None:
             raise FileNotFoundError(f"GRPOTrainer.load_checkpoint: no checkpoint in {path}")
-        state = read_state(ckpt)
-        load_model(self.model, str(ckpt / "model.safetensors"))
+        state = read_state(ckpt)  # every field checked, every file's checksum verified
+        state_path = ckpt / STATE_FILE
+        if state["step"] > self.config.steps:
+            raise CheckpointError(f"{state_path}: step is {state['step']}, past this run's steps = {self.config.steps}; "
+                                  f"resume with steps >= {state['step']} (--steps) to continue it")
+        check_scheduler(state_path, state["scheduler"], self.scheduler)
+        optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", self.optimizer, state["optimizer"])
+        weights = read_weights(ckpt / "model.safetensors", self.model)
+        ref_weights = None
         if self.ref_model is not None:
-            ref_file = ckpt / "ref_model.safetensors"
-            if not ref_file.is_file():
-                raise ValueError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
-                                 f"{self.config.beta}")
-            load_model(self.ref_model, str(ref_file))
-        load_optimizer(self.optimizer, ckpt / "optimizer.safetensors", state["optimizer"])
+            if "ref_model.safetensors" not in state["files"]:
+                raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
+                                      f"{self.config.beta}")
+            ref_weights = read_weights(ckpt / "ref_model.safetensors", self.ref_model)
+        # Every check passed: now load.
+        self.model.load_state_dict(weights, strict=False)
+        if ref_weights is not None:
+            self.ref_model.load_state_dict(ref_weights, strict=False)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.generator)
-        self.step = int(state["step"])
+        self._apply_config_to_optimizer()
+        self.step = state["step"]
         return ckpt
+
+    def _apply_config_to_optimizer(self) -> None:
+        """Make this run's learning rate, schedule and weight decay the ones in force after a resume.
+
+        The loaded optimizer and scheduler states carry the values of the run that saved them, so
+        without this ``--resume RUN --lr X`` would record X in the config and keep training at the
+        old rate. The rate is recomputed with the scheduler's own formula (``base * factor(update)``),
+        so with unchanged settings it is bitwise the one that was saved.
+        """
+        cfg, sched = self.config, self.scheduler
+        sched.base_lrs = [cfg.learning_rate for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = cfg.learning_rate
+            group["lr"] = cfg.learning_rate * factor(sched.last_epoch)
+            group["weight_decay"] = cfg.weight_decay
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
 
 
 def _unique(names: list[str]) -> list[str]:
