@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import trl
+from accelerate.utils import is_peft_model
 from torch import Tensor
 from transformers.utils import ModelOutput
 
@@ -244,7 +245,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             lo, hi = a.vllm_importance_sampling_clip_min, a.vllm_importance_sampling_clip_max
             if (lo is not None and lo > 1) or (hi is not None and hi < 1):
                 raise _refuse("vllm_importance_sampling_clip_min/max", "must include 1 for loss_type='vespo'")
-        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         patch_lm_head(target, self.temperature, a.cast_lm_head_to_fp32)
         if self.ref_model is not None:
             patch_lm_head(self.ref_model, self.temperature, a.cast_lm_head_to_fp32)
