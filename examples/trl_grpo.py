@@ -8,9 +8,9 @@ The model is grpo_kernels' built-in tiny Llama (random weights, character tokeni
 downloaded), saved to a temporary directory because TRL loads the reference model from the
 model's path. The task and the rewards are the built-in ones (``grpo_kernels.trainer``): prompts
 ``"07+45="``, answers ``"52"``, rewarded by exact match and per-digit match. Prints the held-out
-greedy accuracy and reward before and after training. About 1.5 minutes on 2 CPU cores (one minute of it training):
+greedy accuracy and reward before and after training. About a minute on 2 CPU cores (32-70 s of training measured, depending on load):
 
-    python examples/trl_grpo.py [--steps 600] [--original]   # --original: trl.GRPOTrainer, for comparison
+    python examples/trl_grpo.py [--steps 320] [--original]   # --original: trl.GRPOTrainer, for comparison
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def evaluate(model, tokenizer, rows, width: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps (one generation round each)")
+    ap.add_argument("--steps", type=int, default=320, help="optimizer steps (one generation round each)")
     ap.add_argument("--original", action="store_true", help="run trl.GRPOTrainer instead of the drop-in")
     args = ap.parse_args()
     if args.original:
