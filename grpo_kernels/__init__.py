@@ -11,6 +11,7 @@ from .config import GRPOConfig
 from .fused import FusedLinearGRPOLoss, fused_linear_grpo_loss
 from .logprobs import linear_logprobs
 from .policy_loss import GRPOLossOutput, grpo_loss
+from .sampling import importance_sampling_ratio, off_policy_sequence_mask
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "fused_linear_grpo_loss",
     "group_advantages",
     "grpo_loss",
+    "importance_sampling_ratio",
     "last_backend",
     "linear_logprobs",
+    "off_policy_sequence_mask",
 ]
