@@ -160,16 +160,12 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         pending: _Pending = ctx.pending
         hidden, weight, bias = ctx.saved_tensors
         if pending.formed is not None:
-            # one pass: the gradients exist already; scale them in place (no second [V, D] tensor), once
+            # one pass: the gradients exist already. CPU tensors read the scale for free: 1 (no gradient
+            # accumulation) hands them over as they are; otherwise they are multiplied out of place
+            # (a retained graph may run this backward again)
             dh, dw, db = pending.formed
-            if getattr(ctx, "scaled", False):
-                raise RuntimeError(f"{FN}: backward can run once per forward on the one-pass schedule (its gradients "
-                                   "are formed in the forward and scaled in place); got a second backward "
-                                   "(retain_graph=True)")
-            ctx.scaled = True
-            for g in (dh, dw, db):
-                if g is not None:
-                    g.mul_(grad_loss)
+            if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
+                dh, dw, db = (None if g is None else g * grad_loss.to(g.dtype) for g in (dh, dw, db))
         else:
             call = ctx.call
             D = weight.shape[1]
