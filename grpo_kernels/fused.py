@@ -215,7 +215,8 @@ def fused_linear_grpo_loss(
             reference model (needed when beta != 0). No gradient flows into them.
         bias: optional [V] LM-head bias.
         is_ratio: sampler importance-sampling correction, [B, T], [B] or [B, 1].
-        num_items_in_batch: token count of the whole accumulated batch over ranks (dapo/cispo/vespo).
+        num_items_in_batch: token count of the whole accumulated batch over ranks (the losses normalized by
+            it: ``policy_loss.normalized_by_token_count``).
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
 
     Returns:

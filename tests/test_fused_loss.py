@@ -69,7 +69,7 @@ def _ids(case):
 
 
 def same_dtype(hidden, weight, b, ids, mask, adv, cfg, old, ref, **kw):
-    """The materializing PyTorch path in the inputs' dtype: the error bar of DESIGN.md's 2x rule."""
+    """The materializing PyTorch path in the inputs' dtype: the error bar of docs/design.md's 2x rule."""
     return run_loss(reference.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, **kw)
 
 

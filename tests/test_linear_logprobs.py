@@ -1,4 +1,4 @@
-"""linear_logprobs: every backend against the float64 oracle of reference.py (DESIGN.md's 2x rule).
+"""linear_logprobs: every backend against the float64 oracle of reference.py (docs/design.md's 2x rule).
 
 Values and gradients (dH, dW, dbias from random upstream gradients on logp and entropy) are
 compared with ``reference.linear_logprobs(..., compute_dtype=torch.float64)``; the bar is twice the
