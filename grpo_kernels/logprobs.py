@@ -24,6 +24,7 @@ def select_rows(keep: Tensor) -> Optional[Tensor]:
 
 
 def gather_rows(x: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """The kept rows of x ([n, ...]); x itself when all are kept."""
     return x if rows is None else x[rows]
 
 

@@ -234,6 +234,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_name(fn: str, name: object) -> None:
+    """``name`` must be one of BACKENDS; the error names ``fn``."""
     if name not in BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {', '.join(BACKENDS)}; got {name!r}")
 
