@@ -283,7 +283,6 @@ def cell(rec: dict, floor_s: Optional[float]) -> str:
 def table(op: str, dtype: str, records: list[dict], providers: list[str], repeats: int, floor_kind: str = "dtype") -> str:
     """One markdown table: rows = sizes, columns = floor + providers."""
     import cases
-    import providers
 
     rows = []
     for size_label in dict.fromkeys(r["size_label"] for r in records):
