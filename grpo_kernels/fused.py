@@ -22,6 +22,7 @@ no loss_type.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -174,7 +175,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             dh, dw, db = gradient_pass(call.impl, h, weight, bias, t, call.params, pending.first, ctx.needs,
                                        scale=grad_loss)
         if dh is not None:
-            dh = scatter_rows(dh, pending.rows, hidden.reshape(-1, hidden.shape[-1]).shape[0]).reshape(ctx.hidden_shape)
+            dh = scatter_rows(dh, pending.rows, math.prod(ctx.hidden_shape[:-1])).reshape(ctx.hidden_shape)
         return dh, dw, db, None
 
 
