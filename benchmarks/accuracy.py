@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases  # noqa: E402
+import providers  # noqa: E402
 import grpo_kernels as gk  # noqa: E402
-from grpo_kernels import reference  # noqa: E402
 
 PATHS = ("ours", "materialize")
 
@@ -38,35 +38,29 @@ def main() -> int:
     args = ap.parse_args()
     print("| dtype | path | logp | dH | dW |\n|---|---|---|---|---|")
     for name in args.dtypes:
-        inp = cases.make_inputs(cases.Case("logprobs_fwd_bwd", name, args.tokens), args.seed)
-        h64 = inp.hidden.detach().double().requires_grad_()
-        w64 = inp.weight.detach().double().requires_grad_()
-        logp64 = reference.linear_logprobs(h64, w64, inp.targets, compute_dtype=torch.float64)
-        gold = (logp64.detach(), *torch.autograd.grad((logp64 * inp.grad_logp.double()).sum(), (h64, w64)))
+        case = cases.Case("logprobs_fwd_bwd", name, args.tokens)
+        inp = cases.make_inputs(case, args.seed)
+        gold = providers.gold(case, inp)
         for path in PATHS:
             h = inp.hidden.detach().clone().requires_grad_()
             w = inp.weight.detach().clone().requires_grad_()
-            logp = cases.PROVIDERS[path].logprobs(h, w, inp.targets)
+            logp = providers.PROVIDERS[path].logprobs(h, w, inp.targets)
             got = (logp.detach(), *torch.autograd.grad((logp.float() * inp.grad_logp).sum(), (h, w)))
             label = f"{path} ({gk.last_backend('linear_logprobs')})" if path == "ours" else path
-            print(f"| {name} | {label} | " + " | ".join(f"{cases.rel_error(g, w):.1e}" for g, w in zip(got, gold)) + " |")
+            print(f"| {name} | {label} | " + " | ".join(f"{providers.rel_error(g, w):.1e}" for g, w in zip(got, gold)) + " |")
     print(f"\nmax |error| / max |fp64 value| over {args.tokens} tokens, D={cases.D}, V={cases.V}, seed {args.seed}\n")
 
     print("| dtype | path | loss | dH | dW |\n|---|---|---|---|---|")
     for name in args.dtypes:
-        inp = cases.make_inputs(cases.Case("grpo_fwd_bwd", name, args.grpo), args.seed)
-        h64 = inp.hidden.detach().double().requires_grad_()
-        w64 = inp.weight.detach().double().requires_grad_()
-        loss64 = reference.fused_linear_grpo_loss(h64, w64, inp.targets, inp.mask, inp.advantages, cases.GRPO_CONFIG,
-                                                  old_logp=inp.old_logp, ref_logp=inp.ref_logp,
-                                                  compute_dtype=torch.float64).loss
-        gold = (loss64.detach().reshape(1), *torch.autograd.grad(loss64, (h64, w64)))
+        case = cases.Case("grpo_fwd_bwd", name, args.grpo)
+        inp = cases.make_inputs(case, args.seed)
+        gold = providers.gold(case, inp)
         for path in PATHS:
             inp.hidden.grad = inp.weight.grad = None
-            loss = cases.PROVIDERS[path].grpo(inp)
+            loss = providers.PROVIDERS[path].grpo(inp)
             got = (loss.detach().reshape(1), *torch.autograd.grad(loss, (inp.hidden, inp.weight)))
             label = f"{path} ({gk.last_backend('fused_linear_grpo_loss')})" if path == "ours" else path
-            print(f"| {name} | {label} | " + " | ".join(f"{cases.rel_error(g, w):.1e}" for g, w in zip(got, gold)) + " |")
+            print(f"| {name} | {label} | " + " | ".join(f"{providers.rel_error(g, w):.1e}" for g, w in zip(got, gold)) + " |")
     B, T = args.grpo
     print(f"\nmax |error| / max |fp64 value| over {B}x{T} tokens, {cases.GRPO_CONFIG.loss_type}, "
           f"beta {cases.GRPO_CONFIG.beta}, old + ref log-probs, seed {args.seed}")

@@ -24,6 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import cases` under any pytest import mode
 
 import cases  # noqa: E402
+import providers  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,7 +38,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     ops = getattr(metafunc.module, "BENCH_OPS")
     params = []
     for case in cases.suite_cases(ops):
-        for prov in cases.providers_for(case.op):
+        for prov in providers.providers_for(case.op):
             marks = [] if case.is_quick else [pytest.mark.slow]
             params.append(pytest.param(case, prov.name, id=case.test_id(prov.name), marks=marks))
     metafunc.parametrize(("case", "provider"), params)
@@ -62,11 +63,11 @@ def _inputs(case: cases.Case) -> cases.Inputs:
 def run_benchmark(benchmark) -> Callable[[cases.Case, str], None]:
     """Time ``provider`` on ``case`` with pytest-benchmark's pedantic mode (1 warm-up, few rounds)."""
     def run(case: cases.Case, provider: str) -> None:
-        prov = cases.PROVIDERS[provider]
+        prov = providers.PROVIDERS[provider]
         why = prov.unavailable()
         if why:
             pytest.skip(f"{provider} n/a: {why}")
-        est = cases.estimate_total_bytes(case, prov)
+        est = providers.estimate_total_bytes(case, prov)
         max_gb = float(os.environ.get("BENCH_MAX_GB", "16"))
         if est > max_gb * 1e9:
             pytest.skip(f"estimated peak {est / 1e9:.1f} GB > BENCH_MAX_GB={max_gb:g}")

@@ -101,9 +101,10 @@ def worker(spec: dict) -> dict:
     import torch
 
     import cases
+    import providers
 
     case = cases.Case.from_json(spec["case"])
-    prov = cases.PROVIDERS[spec["provider"]]
+    prov = providers.PROVIDERS[spec["provider"]]
     reason = prov.unavailable()
     if reason:
         return {"status": "n/a", "reason": reason}
@@ -327,6 +328,7 @@ def log(msg: str) -> None:
 def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[dict]:
     """Floor (timed before and after), then each provider: timing run, memory run."""
     import cases
+    import providers
 
     limit = args.max_gb * 1e9
     records = []
@@ -334,13 +336,13 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
     def base_record(p) -> dict:
         return {"op": case.op, "dtype": case.dtype, "size": case.to_json()["size"], "size_label": case.size_label,
                 "n_tokens": case.n_tokens, "provider": p.name, "is_floor": p.is_floor,
-                "estimate_bytes": cases.estimate_total_bytes(case, p), "gemm_gflop": case.gemm_flops() / 1e9}
+                "estimate_bytes": providers.estimate_total_bytes(case, p), "gemm_gflop": case.gemm_flops() / 1e9}
 
     def skip_reason(p) -> Optional[str]:
-        est = cases.estimate_total_bytes(case, p)
+        est = providers.estimate_total_bytes(case, p)
         return f"est. {est / 1e9:.1f} GB > --max-gb {args.max_gb:g}" if est > limit else None
 
-    floor = cases.PROVIDERS["gemm-floor"]
+    floor = providers.PROVIDERS["gemm-floor"]
     floor_rec = base_record(floor)
     floor_times: list[float] = []
     floor_skip = skip_reason(floor)
@@ -352,7 +354,7 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
         floor_times += first.get("times_s", [])
         log(f"  [{case.test_id('gemm-floor')}] time before: {_fmt_s(first['median_s']) if 'median_s' in first else first.get('reason')}")
 
-    for p in cases.providers_for(case.op, provider_names):
+    for p in providers.providers_for(case.op, provider_names):
         if p.is_floor:
             continue
         rec = base_record(p)
@@ -398,10 +400,11 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
 def run_check(args: argparse.Namespace) -> int:
     """Each provider's outputs vs the float64 oracle on tiny fp32 problems (seconds, not hours)."""
     import cases
+    import providers
 
     bad = 0
     print("| provider | op | max rel. error vs fp64 oracle |\n|---|---|---|")
-    for p in cases.PROVIDERS.values():
+    for p in providers.PROVIDERS.values():
         if p.is_floor or (args.providers and p.name not in args.providers):
             continue
         why = p.unavailable()
@@ -411,7 +414,7 @@ def run_check(args: argparse.Namespace) -> int:
             if why:
                 print(f"| {p.name} | {op} | n/a ({why}) |")
                 continue
-            err = cases.check_provider(p, op)
+            err = providers.check_provider(p, op)
             bad += err > 1e-4
             print(f"| {p.name} | {op} | {err:.1e}{'  **MISMATCH**' if err > 1e-4 else ''} |")
     return 1 if bad else 0
@@ -425,6 +428,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     import cases
+    import providers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="ints (N) go to the log-prob ops, BxT to grpo_fwd_bwd; an op given none of its kind keeps "
                          f"its defaults (N {list(cases.LOGPROBS_SIZES)}, BxT "
                          f"{['%dx%d' % s for s in cases.GRPO_SIZES]})")
-    ap.add_argument("--providers", nargs="+", choices=list(cases.PROVIDERS), default=None,
+    ap.add_argument("--providers", nargs="+", choices=list(providers.PROVIDERS), default=None,
                     help="default: all (the GEMM floor is always measured)")
     ap.add_argument("--floor", choices=["dtype"] + sorted(cases.DTYPES), default="dtype",
                     help="dtype of the floor's GEMMs: the inputs' (default) or e.g. fp32, the fastest GEMM on CPUs "
@@ -458,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_check(args)
 
     names = None if args.providers is None else sorted(set(args.providers) | {"gemm-floor"},
-                                                       key=list(cases.PROVIDERS).index)
+                                                       key=list(providers.PROVIDERS).index)
     grid = cases.grid(tuple(args.ops), tuple(args.dtypes), args.sizes, args.quick)
     info = machine_info()
     payload: dict[str, Any] = {
@@ -467,7 +471,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "shape": {"D": cases.D, "V": cases.V},
         "grpo_config": {"loss_type": cases.GRPO_CONFIG.loss_type, "beta": cases.GRPO_CONFIG.beta,
                         "epsilon_low": cases.GRPO_CONFIG.epsilon_low, "old_and_ref_logp": True},
-        "providers": {p.name: p.description for p in cases.PROVIDERS.values()},
+        "providers": {p.name: p.description for p in providers.PROVIDERS.values()},
         "results": [],
     }
     log(f"{len(grid)} cases on {info.get('cpu_model')} ({info['torch_threads']} threads, torch {info['torch']}); "
@@ -486,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 payload["results"].extend(new)
                 payload["machine"]["loadavg_end"] = list(os.getloadavg())
                 write_json(args.out, payload)
-            cols = [p.name for p in cases.providers_for(op, names)]
+            cols = [p.name for p in providers.providers_for(op, names)]
             tables.append(table(op, dtype, recs, cols, args.repeats, args.floor))
             log("\n" + tables[-1] + "\n")
     print(f"# grpo_kernels benchmarks — {info.get('cpu_model')}, {info['torch_threads']} threads, torch {info['torch']}, "

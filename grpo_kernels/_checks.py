@@ -1,44 +1,61 @@
 """Argument validation shared by the public functions.
 
-Every public entry point validates before any kernel runs. The messages follow one shape:
-``"<function>: <argument> <what was expected>; got <what arrived>"`` so a user can fix the
-call without reading our source.
+Every public entry point validates before any kernel runs, once, and names itself: messages follow
+one shape, ``"<function>: <argument> <what was expected>; got <what arrived>"``, so a user can fix
+the call without reading our source. Backends only assert.
+
+Two kinds of checks:
+- metadata (types, shapes, dtypes, devices, options) raise at once;
+- data-dependent ones (ids in range, finite values, signs) are collected in a :class:`DataChecks`
+  and read back to the host together: one synchronization per call on a GPU. Their messages are
+  built (with more reads) only when a check fails.
+
+Where the rules live: the LM-head checks shared by linear_logprobs and the fused loss are here
+(:func:`check_lm_head`); the loss inputs' checks are in ``policy_loss.validate_loss_inputs``;
+group_advantages' are in ``advantages``. The backend name, device and dtype are decided by
+``backends.resolve``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_tensor(fn: str, name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(fn: str, name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(x).__name__}")
     return x
 
 
-def check_float(fn: str, name: str, x: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+def check_float(fn: str, name: str, x: Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     check_tensor(fn, name, x)
     if x.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{fn}: {name} must have a floating dtype ({allowed}); got {str(x.dtype).replace('torch.', '')}")
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{fn}: {name} must have a floating dtype ({allowed}); got {dtype_name(x.dtype)}")
 
 
-def check_integer(fn: str, name: str, x: torch.Tensor) -> None:
+def check_integer(fn: str, name: str, x: Tensor) -> None:
     check_tensor(fn, name, x)
     if x.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{fn}: {name} must be an int64 (or int32) tensor of token ids; got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{fn}: {name} must be an int64 (or int32) tensor of token ids; got {dtype_name(x.dtype)}")
 
 
-def check_shape(fn: str, name: str, x: torch.Tensor, shape: Sequence[int], like: str) -> None:
+def check_shape(fn: str, name: str, x: Tensor, shape: Sequence[int], like: str) -> None:
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have the shape of {like} {tuple(shape)}; got {tuple(x.shape)}")
 
 
-def check_same_device(fn: str, **tensors: torch.Tensor | None) -> None:
+def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {k: v.device for k, v in present.items()}
     if len(set(devices.values())) > 1:
@@ -46,14 +63,79 @@ def check_same_device(fn: str, **tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{fn}: all tensors must be on one device; got {listing}")
 
 
-def check_finite(fn: str, name: str, x: torch.Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{fn}: {name} must be finite; got {bad} NaN/inf value(s)")
-
-
-def check_positive(fn: str, name: str, value: float | None, *, allow_none: bool = False) -> None:
+def check_positive(fn: str, name: str, value: object, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{fn}: {name} must be a number > 0; got {value!r}")
+
+
+def check_config(fn: str, config: object) -> None:
+    from .config import GRPOConfig  # config.py imports nothing of ours; the import is local to keep _checks a leaf
+
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
+
+
+class DataChecks:
+    """Data-dependent checks of one call, read back to the host at once by :meth:`run`.
+
+    ``require(ok, message)``: ``ok`` is a 0-dim bool tensor (True: fine); ``message`` a callable that
+    builds the error text, called only on failure.
+    """
+
+    def __init__(self, fn: str) -> None:
+        self.fn = fn
+        self._items: list[tuple[Tensor, Callable[[], str], type]] = []
+
+    def require(self, ok: Tensor, message: Callable[[], str], error: type = ValueError) -> None:
+        self._items.append((ok.reshape(()), message, error))
+
+    def finite(self, name: str, x: Tensor) -> None:
+        self.require(torch.isfinite(x).all(),
+                     lambda: f"{self.fn}: {name} must be finite; got {int((~torch.isfinite(x)).sum())} NaN/inf value(s)")
+
+    def run(self) -> None:
+        if not self._items:
+            return
+        flags = torch.stack([ok.to(device=self._items[0][0].device) for ok, _, _ in self._items]).tolist()
+        for good, (_, message, error) in zip(flags, self._items):
+            if not good:
+                raise error(message())
+
+
+def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name: str, bias: Optional[Tensor],
+                  temperature: object, softcap: object, ignore_index: Optional[int], checks: DataChecks) -> None:
+    """hidden [..., D], weight [V, D], ids [...] (named ``ids_name``), bias [V], the logit options.
+
+    ``ignore_index`` None: every id must be in [0, V). The id range check joins ``checks``.
+    """
+    check_float(fn, "hidden", hidden)
+    check_float(fn, "weight", weight)
+    check_integer(fn, ids_name, ids)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be [V, D]; got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}; got shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{fn}: hidden and weight must share a dtype; got hidden {hidden.dtype} and weight {weight.dtype}")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{fn}: {ids_name} must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(ids.shape)}")
+    if bias is not None:
+        check_tensor(fn, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must be [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
+    check_same_device(fn, hidden=hidden, weight=weight, **{ids_name: ids}, bias=bias)
+    check_positive(fn, "temperature", temperature)
+    check_positive(fn, "softcap", softcap, allow_none=True)
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"{fn}: ignore_index must be an int; got {type(ignore_index).__name__}")
+    if ids.numel():
+        v = weight.shape[0]
+        out = (ids < 0) | (ids >= v)
+        bad = out if ignore_index is None else out & (ids != ignore_index)
+        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        checks.require(~bad.any(), lambda: f"{fn}: {ids_name} must be in [0, V) = [0, {v}){allowed}; "
+                                           f"got {int(ids[bad].reshape(-1)[0])}")

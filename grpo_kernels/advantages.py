@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_tensor
+from ._checks import check_float, check_tensor, dtype_name
 
 FN = "group_advantages"
 SCALES = ("group", "batch", "none")
@@ -72,34 +71,11 @@ def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optiona
     return torch.where(valid & keep[index], centered / denom, 0.0)
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    """Like backends.resolve, but this op has no C++ kernel: the PyTorch code is its CPU implementation."""
-    if backend == "auto":
-        env = os.environ.get("GRPO_KERNELS_BACKEND", "auto")
-        backend = env if env in ("triton", "torch") else "auto"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and backends.triton_available() else "torch"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"{FN}: backend='cpu' needs CPU tensors; got tensors on {device}")
-        return "torch"
-    if backend == "triton":
-        if not backends.triton_available():
-            raise RuntimeError(f"{FN}: backend='triton' was requested but Triton is not installed")
-        if device.type != "cuda" and not backends.triton_interpret():
-            raise ValueError(f"{FN}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device}")
-    return backend
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int, rewards: Tensor, dt: torch.dtype) -> Tensor:
     """reward_weights validated and converted to a [R] tensor of the compute dtype on rewards' device."""
     if isinstance(reward_weights, Tensor):
         if reward_weights.dtype == torch.bool or reward_weights.is_complex():
-            raise TypeError(f"{FN}: reward_weights must be a real-valued tensor; got {_dtype_name(reward_weights.dtype)}")
+            raise TypeError(f"{FN}: reward_weights must be a real-valued tensor; got {dtype_name(reward_weights.dtype)}")
         if reward_weights.device != rewards.device:
             raise ValueError(f"{FN}: reward_weights must be on rewards' device {rewards.device}; got {reward_weights.device}")
         w = reward_weights.detach()
@@ -134,7 +110,7 @@ def _validate(rewards: Tensor, group_size: Optional[int], group_ids: Optional[Te
     else:
         check_tensor(FN, "group_ids", group_ids)
         if group_ids.dtype.is_floating_point or group_ids.is_complex() or group_ids.dtype == torch.bool:
-            raise TypeError(f"{FN}: group_ids must be an integer tensor of group labels; got {_dtype_name(group_ids.dtype)}")
+            raise TypeError(f"{FN}: group_ids must be an integer tensor of group labels; got {dtype_name(group_ids.dtype)}")
         if tuple(group_ids.shape) != (n_rows,):
             raise ValueError(f"{FN}: group_ids must have shape [B] = ({n_rows},); got {tuple(group_ids.shape)}")
         if group_ids.device != rewards.device:
@@ -145,8 +121,6 @@ def _validate(rewards: Tensor, group_size: Optional[int], group_ids: Optional[Te
         raise ValueError(f"{FN}: estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
         raise ValueError(f"{FN}: eps must be a finite number >= 0; got {eps!r}")
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"{FN}: backend must be one of {', '.join(backends.BACKENDS)}; got {backend!r}")
 
 
 def group_advantages(
@@ -200,7 +174,7 @@ def group_advantages(
         r = r.unsqueeze(1)
     weights = (torch.ones(r.shape[1], dtype=dt, device=r.device) if reward_weights is None
                else _reward_weights(reward_weights, r.shape[1], rewards, dt))
-    name = _resolve(backend, rewards.device)
+    name = backends.resolve(FN, backend, rewards.device, rewards.dtype, has_cpu_kernel=False)
     backends.record(FN, name)
     if name == "triton":
         impl = importlib.import_module("grpo_kernels.backends.triton.advantages").group_advantages

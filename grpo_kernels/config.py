@@ -33,7 +33,7 @@ class GRPOConfig:
 
     Attributes:
         loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo. Chooses the per-token
-            surrogate and the reduction (see DESIGN.md, "The math").
+            surrogate and the reduction (see docs/design.md, "The math").
         beta: KL coefficient; 0 disables the KL term and the reference log-probs are not needed.
         kl_estimator: k1 (log-ratio), k2 (half squared log-ratio) or k3 (Schulman's unbiased, default).
         epsilon_low: lower clip, the ratio is clipped at ``1 - epsilon_low``.

@@ -1,198 +1,187 @@
-"""FusedLinearGRPOLoss: hidden states -> GRPO loss, metrics and gradients in one pass.
+"""FusedLinearGRPOLoss: hidden states -> GRPO loss, metrics and gradients without [N, V] logits.
 
-dLoss/dlogp is one scalar per token, so the loss and its gradient w.r.t. the hidden states and
-the LM head can be formed while the logits are streamed: per chunk of completion tokens the
-backend computes logp and entropy, asks :func:`grpo_kernels.policy_loss.token_objective` (the
-same code grpo_loss runs) for that chunk's dLoss/dlogp and dLoss/dentropy, and turns them into
-dH and dW right away. The forward therefore produces the gradients; the autograd backward only
-scales them by grad_output.
+dLoss/dlogp is one scalar per token, so the loss and its gradient w.r.t. the hidden states and the
+LM head can be formed while the logits are streamed. One driver (:func:`_run`) serves every call:
 
-Objectives that need per-sequence or batch-wide quantities of the *current* log-probs before
-any token's gradient is known take two passes (a forward-only pass for logp / entropy, then a
-gradient pass): GSPO's sequence-level ratio, vespo with old_logp (its gamma weight uses the
-sequence's summed log-ratio) and top_entropy_quantile < 1 (the entropy threshold is a batch
-quantile). The two passes cost four GEMMs per token (the gradient pass recomputes the logits before
-the dH and dW GEMMs) instead of three.
+1. the kept tokens (mask != 0) are selected; padding costs no vocabulary work;
+2. a coefficient function is picked by the loss plan (``policy_loss.LossPlan``): token-separable
+   objectives get per-chunk coefficients from :func:`policy_loss.token_objective` (the same code
+   grpo_loss runs); the others get whole-batch coefficients from the whole loss, after a
+   forward-only pass;
+3. the schedule: the backend's one pass (``Backend.forward_backward``: forward, coefficients,
+   dH / dW per chunk; three GEMMs per token) when the coefficients are token-separable, gradients
+   are needed and the backend has a one pass that pays for this dtype; otherwise the shared two-pass
+   schedule of ``grpo_kernels.backends``: the forward-only pass here, and the gradient pass (the
+   backend's recomputing backward, four GEMMs per token in all) in the autograd backward, with the
+   coefficients scaled by grad_output, so a 16-bit dW is rounded once and no host sync happens.
 
-The C++ backend runs the one pass on its plain GEMM path (AVX2/AVX-512 CPUs, and fp32 anywhere) in
-chunks of at most 256 tokens, keeping exp(logit - running max) of each chunk (83 MB in bf16 for a
-151936-token vocab; a 16-bit dW spanning several chunks also carries an int8 residual [V, D]); for
-16-bit inputs on AMX it takes the two passes (backends/cpu.py).
+No-grad calls and calls without a kept token go through the same steps with need-flags
+(nothing needed: no gradient pass; no token: zero-sized passes, zero gradients). This file names
+no loss_type.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._checks import check_tensor
-from .backends import LogprobsParams
+from ._checks import DataChecks, check_config, check_lm_head, check_tensor
+from .backends import Backend, FirstPass, LogprobsParams, Needs, first_pass, gradient_pass
 from .config import GRPOConfig
-from .logprobs import scatter_rows, validate_linear_inputs
-from .policy_loss import (
-    GRPOLossOutput,
-    TokenContext,
-    _grpo_loss,
-    build_context,
-    token_objective,
-    validate_loss_inputs,
-    vespo_weights,
-)
+from .logprobs import differentiable_once, gather_rows, scatter_rows, select_rows
+from .policy_loss import GRPOLossOutput, LossPlan, Number, TokenContext, token_objective, validate_loss_inputs
 
-Number = Union[int, float, Tensor]
+FN = "fused_linear_grpo_loss"
 
 
 @dataclass(frozen=True)
-class FusedLossInputs:
-    """Everything besides (hidden, weight, bias): non-differentiable tensors and the options."""
+class FusedCall:
+    """The non-differentiable part of one call: ids, the loss plan, the kernel options and the backend."""
 
     completion_ids: Tensor
-    mask: Tensor
-    advantages: Tensor
-    old_logp: Optional[Tensor]
-    ref_logp: Optional[Tensor]
-    is_ratio: Optional[Tensor]
-    num_items_in_batch: Optional[Number]
-    config: GRPOConfig
+    plan: LossPlan
     params: LogprobsParams
+    impl: Backend
 
-    def metric_names(self) -> list[str]:
-        """The metrics this call reports, in the order of the stacked metrics tensor."""
-        names = ["clip_ratio/high_mean", "clip_ratio/low_mean", "clip_ratio/region_mean", "entropy"]
-        return (["kl"] if self.ref_logp is not None else []) + names
 
-    def needs_two_passes(self) -> bool:
-        cfg = self.config
-        return (
-            cfg.importance_sampling_level == "sequence"
-            or cfg.top_entropy_quantile < 1.0
-            or (cfg.loss_type == "vespo" and self.old_logp is not None)
-        )
+# ---------------------------------------------------------------------------------------------------
+# Coefficients: dLoss/dlogp and dLoss/dentropy of the kept tokens, and the loss and metrics they sum to
+# ---------------------------------------------------------------------------------------------------
 
-    def context(self) -> TokenContext:
-        """Per-token context of the one-pass path (everything it needs is known before logp)."""
-        B, T = self.mask.shape
-        phi = None
-        if self.config.loss_type == "vespo":  # on-policy: the token log-ratios are exactly 0
-            adv = self.advantages.reshape(B, 1) if self.advantages.dim() == 1 else self.advantages
-            isr = None if self.is_ratio is None else (self.is_ratio.reshape(B, 1) if self.is_ratio.dim() == 1 else self.is_ratio)
-            phi = vespo_weights(adv, torch.zeros(B, T, device=self.mask.device), self.mask, isr, self.config)
-        return build_context(self.mask, self.advantages, self.config, old_logp=self.old_logp, ref_logp=self.ref_logp,
-                             is_ratio=self.is_ratio, num_items_in_batch=self.num_items_in_batch, phi=phi)
+Objective = Callable[[int, int, Tensor, Optional[Tensor]], tuple[Tensor, dict[str, Tensor]]]
+
+
+class Coefficients:
+    """A ``CoefFn`` for the backends that also adds up the loss and the metric sums of the chunks it sees."""
+
+    def __init__(self, objective: Objective, plan: LossPlan, device: torch.device, want_grad: bool) -> None:
+        self.objective = objective
+        self.want_grad = want_grad
+        self.entropy_grad = plan.config.entropy_coef != 0.0
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = {k: torch.zeros((), device=device) for k in plan.metric_names()}
+
+    def __call__(self, start: int, end: int, logp: Tensor, entropy: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        with torch.enable_grad():
+            lp = logp.detach().requires_grad_(self.want_grad)
+            en = None if entropy is None else entropy.detach().requires_grad_(self.want_grad and self.entropy_grad)
+            loss, sums = self.objective(start, end, lp, en)
+            wrt = [x for x in (lp, en) if x is not None and x.requires_grad]
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else [None] * len(wrt)
+        self.loss += loss.detach().double()
+        for k, v in sums.items():
+            self.sums[k] = self.sums[k] + v
+        g_logp = grads[0] if grads and grads[0] is not None else torch.zeros_like(lp)
+        g_ent = grads[1] if len(grads) > 1 else None
+        return g_logp.detach(), None if g_ent is None else g_ent.detach()
 
 
 def _select(ctx: TokenContext, rows: Optional[Tensor]) -> TokenContext:
-    """The context of the active tokens only, flattened in row order."""
+    """The context of the kept tokens only, flattened in row order."""
     def pick(x: Optional[Tensor]) -> Optional[Tensor]:
-        if x is None:
-            return None
-        flat = x.reshape(-1)
-        return flat if rows is None else flat[rows]
+        return None if x is None else gather_rows(x.reshape(-1), rows)
 
     return TokenContext(**{f: pick(getattr(ctx, f)) for f in ctx.__dataclass_fields__})
 
 
+def coefficients(plan: LossPlan, rows: Optional[Tensor], dtype: torch.dtype, want_grad: bool) -> Coefficients:
+    """Token-separable plans: per-chunk coefficients; the others: whole-batch ones (one call, all tokens)."""
+    cfg, (B, T) = plan.config, plan.mask.shape
+    device = plan.mask.device
+    if plan.token_separable:
+        ctx = _select(plan.token_context(dtype), rows)
+
+        def objective(start: int, end: int, lp: Tensor, en: Optional[Tensor]):
+            return token_objective(lp, en, ctx.flat_slice(start, end), cfg)
+    else:
+        def objective(start: int, end: int, lp: Tensor, en: Optional[Tensor]):
+            assert start == 0 and end == lp.shape[0], "whole-batch coefficients take every token at once"
+            full = lambda x: None if x is None else scatter_rows(x, rows, B * T).reshape(B, T)  # noqa: E731
+            out = plan.loss(full(lp), full(en))
+            return out.loss, out.metrics
+
+    return Coefficients(objective, plan, device, want_grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """The gradients a backward hands out: formed by the one pass, or the gradient pass still to run."""
+
+    rows: Optional[Tensor]
+    formed: Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None
+    first: Optional[FirstPass] = None
+
+
+def _run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: FusedCall, needs: Needs):
+    """-> loss [], metrics [len(plan.metric_names())], pending gradients."""
+    plan, impl, params = call.plan, call.impl, call.params
+    D = weight.shape[1]
+    rows = select_rows(plan.mask != 0)
+    h = gather_rows(hidden.reshape(-1, D), rows)
+    t = gather_rows(call.completion_ids.reshape(-1).long(), rows)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    want_grad = any(needs)
+    coef = coefficients(plan, rows, acc, want_grad)
+    pending = _Pending(rows)
+    if want_grad and plan.token_separable and impl.one_pass(h.dtype, D):
+        _, _, dh, dw, db = impl.forward_backward(h, weight, bias, t, params, coef, needs)
+        pending.formed = (dh, dw, db)
+    else:
+        pending.first = first_pass(impl, h, weight, bias, t, params, coef)
+    metrics = torch.stack([coef.sums[k].float() for k in plan.metric_names()])
+    return coef.loss.to(acc), metrics, pending
+
+
 class FusedLinearGRPOFunction(torch.autograd.Function):
-    """Forward computes loss, metrics and the gradients; backward scales them by grad_output."""
+    """Forward: loss, metrics and (one pass) the gradients; backward: grad_output times them, or the gradient pass."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inputs: FusedLossInputs):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: FusedCall):
         needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        loss, metrics, grads = _run(hidden, weight, bias, inputs, needs)
-        ctx.save_for_backward(*grads)
-        ctx.has = tuple(g is not None for g in grads)
+        loss, metrics, pending = _run(hidden, weight, bias, call, needs)
+        ctx.call, ctx.needs, ctx.pending = call, needs, pending
+        ctx.hidden_shape = hidden.shape
+        ctx.save_for_backward(hidden, weight, bias)
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_metrics: Optional[Tensor]):
-        it = iter(ctx.saved_tensors)
-        grads = [next(it) if has else None for has in ctx.has]
-        scale = None if grad_loss is None or bool(grad_loss == 1) else grad_loss
-        out = [g if g is None or scale is None else g * scale.to(g.dtype) for g in grads]
-        return out[0], out[1], out[2], None
+        differentiable_once(FN)
+        pending: _Pending = ctx.pending
+        hidden, weight, bias = ctx.saved_tensors
+        if pending.formed is not None:
+            # one pass: the gradients exist already. CPU tensors read the scale for free: 1 (no gradient
+            # accumulation) hands them over as they are; otherwise they are multiplied out of place
+            # (a retained graph may run this backward again)
+            dh, dw, db = pending.formed
+            if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
+                dh, dw, db = (None if g is None else g * grad_loss.to(g.dtype) for g in (dh, dw, db))
+        else:
+            call = ctx.call
+            D = weight.shape[1]
+            h = gather_rows(hidden.reshape(-1, D), pending.rows)
+            t = gather_rows(call.completion_ids.reshape(-1).long(), pending.rows)
+            dh, dw, db = gradient_pass(call.impl, h, weight, bias, t, call.params, pending.first, ctx.needs,
+                                       scale=grad_loss)
+        if dh is not None:
+            dh = scatter_rows(dh, pending.rows, math.prod(ctx.hidden_shape[:-1])).reshape(ctx.hidden_shape)
+        return dh, dw, db, None
 
 
-def _run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inputs: FusedLossInputs, needs: tuple[bool, bool, bool]):
-    """Loss [], metrics [len(names)], (dhidden, dweight, dbias) with None where not needed."""
-    cfg, params = inputs.config, inputs.params
-    B, T = inputs.mask.shape
-    D = weight.shape[1]
-    impl = backends.module(params.backend)
-    h2 = hidden.reshape(B * T, D)
-    active = inputs.mask.reshape(-1) != 0
-    rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
-    h = h2 if rows is None else h2[rows]
-    t = inputs.completion_ids.reshape(-1).long()
-    t = t if rows is None else t[rows]
-    n = h.shape[0]
-    want_grad = any(needs)
-
-    def full(values: Optional[Tensor]) -> Optional[Tensor]:
-        return None if values is None else scatter_rows(values.float(), rows, B * T).reshape(B, T)
-
-    def finish(loss: Tensor, sums: dict[str, Tensor], dh, dw, db):
-        metrics = torch.stack([torch.as_tensor(sums[k], device=hidden.device).float() for k in inputs.metric_names()])
-        dh = None if dh is None else scatter_rows(dh, rows, B * T).reshape(hidden.shape)
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return loss.detach().to(out_dtype), metrics, (dh, dw, db)
-
-    if n == 0:
-        zero = torch.zeros((), device=hidden.device)
-        out = _grpo_loss(torch.zeros(B, T, device=hidden.device), inputs.advantages.float(), inputs.mask, cfg,
-                         old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, is_ratio=inputs.is_ratio,
-                         num_items_in_batch=inputs.num_items_in_batch, entropy=torch.zeros(B, T, device=hidden.device))
-        grads = (h.new_zeros(h.shape) if needs[0] else None, torch.zeros_like(weight) if needs[1] else None,
-                 torch.zeros_like(bias) if needs[2] else None)
-        return finish(zero + out.loss.detach(), out.metrics, *grads)
-
-    if not want_grad:
-        logp, ent, _ = impl.forward(h, weight, bias, t, params)
-        out = _grpo_loss(full(logp), inputs.advantages, inputs.mask, cfg, old_logp=inputs.old_logp, ref_logp=inputs.ref_logp,
-                         is_ratio=inputs.is_ratio, num_items_in_batch=inputs.num_items_in_batch, entropy=full(ent))
-        return finish(out.loss, out.metrics, None, None, None)
-
-    if inputs.needs_two_passes() or not hasattr(impl, "forward_backward"):
-        logp, ent, lse = impl.forward(h, weight, bias, t, params)
-        lp_full = full(logp).requires_grad_(True)
-        en_full = full(ent).requires_grad_(cfg.entropy_coef != 0.0)
-        with torch.enable_grad():
-            out = _grpo_loss(lp_full, inputs.advantages, inputs.mask, cfg, old_logp=inputs.old_logp, ref_logp=inputs.ref_logp,
-                             is_ratio=inputs.is_ratio, num_items_in_batch=inputs.num_items_in_batch, entropy=en_full)
-            wrt = [lp_full] + ([en_full] if en_full.requires_grad else [])
-            g = torch.autograd.grad(out.loss, wrt, allow_unused=True)
-        pick = (lambda x: x.reshape(-1)) if rows is None else (lambda x: x.reshape(-1)[rows])
-        g_logp = pick(g[0]) if g[0] is not None else torch.zeros_like(logp)
-        g_ent = pick(g[1]) if len(g) > 1 and g[1] is not None else None
-        dh, dw, db = impl.backward(h, weight, bias, t, lse, ent, g_logp.to(lse.dtype), None if g_ent is None else g_ent.to(lse.dtype),
-                                   params, needs)
-        return finish(out.loss, out.metrics, dh, dw, db)
-
-    ctx = _select(inputs.context(), rows)
-    acc = {"loss": torch.zeros((), dtype=torch.float64, device=hidden.device)}
-    entropy_grad = cfg.entropy_coef != 0.0
-
-    def coef_fn(start: int, end: int, lp: Tensor, en: Optional[Tensor]):
-        c = ctx.flat_slice(start, end)
-        with torch.enable_grad():
-            lp = lp.detach().requires_grad_(True)
-            en = None if en is None else en.detach().requires_grad_(entropy_grad)
-            loss, sums = token_objective(lp, en, c, cfg)
-            wrt = [lp] + ([en] if entropy_grad else [])
-            g = torch.autograd.grad(loss, wrt, allow_unused=True)
-        acc["loss"] += loss.detach().double()
-        for k, v in sums.items():
-            acc[k] = acc.get(k, 0) + v
-        g_logp = torch.zeros_like(lp) if g[0] is None else g[0]
-        return g_logp.detach(), (g[1].detach() if entropy_grad and g[1] is not None else None)
-
-    _, _, dh, dw, db = impl.forward_backward(h, weight, bias, t, params, coef_fn, needs)
-    loss = acc.pop("loss")
-    return finish(loss, acc, dh, dw, db)
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
 
 
 def fused_linear_grpo_loss(
@@ -214,6 +203,7 @@ def fused_linear_grpo_loss(
 
     Same semantics as ``grpo_loss(linear_logprobs(hidden, weight, completion_ids), ...)`` for every
     loss_type and option of ``config`` (temperature and logit_softcap come from the config).
+    Differentiable once (a backward with create_graph=True raises).
 
     Args:
         hidden: [B, T, D] final hidden states at the positions that predict completion_ids.
@@ -226,33 +216,36 @@ def fused_linear_grpo_loss(
             reference model (needed when beta != 0). No gradient flows into them.
         bias: optional [V] LM-head bias.
         is_ratio: sampler importance-sampling correction, [B, T], [B] or [B, 1].
-        num_items_in_batch: token count of the whole accumulated batch over ranks (dapo/cispo/vespo).
+        num_items_in_batch: token count of the whole accumulated batch over ranks (the losses normalized by
+            it: ``policy_loss.normalized_by_token_count``).
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
 
     Returns:
-        GRPOLossOutput: ``loss`` (scalar, differentiable w.r.t. hidden, weight, bias) and ``metrics``
-        (kl when ref_logp is given, clip ratios, entropy).
+        GRPOLossOutput: ``loss`` (scalar float32, float64 for float64 inputs; differentiable w.r.t.
+        hidden, weight, bias) and ``metrics`` (kl when ref_logp is given, clip ratios, entropy).
     """
-    fn = "fused_linear_grpo_loss"
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
-    check_tensor(fn, "hidden", hidden)
+    check_config(FN, config)
+    check_tensor(FN, "hidden", hidden)
     if hidden.dim() != 3:
-        raise ValueError(f"{fn}: hidden must be [B, T, D]; got shape {tuple(hidden.shape)}")
-    validate_linear_inputs(fn, hidden, weight, completion_ids, bias, config.temperature, config.logit_softcap, -100, backend)
-    validate_loss_inputs(fn, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
-                         is_ratio, num_items_in_batch)
-    name = backends.resolve(backend, hidden.device, hidden.dtype)
-    backends.record(fn, name)
-    params = LogprobsParams(config.temperature, config.logit_softcap, -100, True, name)
+        raise ValueError(f"{FN}: hidden must be [B, T, D]; got shape {tuple(hidden.shape)}")
+    checks = DataChecks(FN)
+    check_lm_head(FN, hidden, weight, completion_ids, "completion_ids", bias, config.temperature, config.logit_softcap,
+                  -100, checks)
+    validate_loss_inputs(FN, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
+                         is_ratio, num_items_in_batch, checks)
+    name = backends.resolve(FN, backend, hidden.device, hidden.dtype)
+    checks.run()
+    backends.record(FN, name)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
-    inputs = FusedLossInputs(completion_ids, mask.detach(), advantages.detach(), detach(old_logp), detach(ref_logp),
-                             detach(is_ratio), num_items_in_batch, config, params)
+    plan = LossPlan(mask.detach(), advantages.detach(), config, detach(old_logp), detach(ref_logp), detach(is_ratio),
+                    num_items_in_batch)
+    call = FusedCall(completion_ids, plan, LogprobsParams.make(config.temperature, config.logit_softcap, True),
+                     backends.get(name))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        loss, metrics = FusedLinearGRPOFunction.apply(hidden, weight, bias, inputs)
+        loss, metrics = FusedLinearGRPOFunction.apply(hidden, weight, bias, call)
     else:
-        loss, metrics, _ = _run(hidden, weight, bias, inputs, (False, False, False))
-    return GRPOLossOutput(loss=loss, metrics={k: metrics[i] for i, k in enumerate(inputs.metric_names())})
+        loss, metrics, _ = _run(hidden, weight, bias, call, (False, False, False))
+    return GRPOLossOutput(loss=loss, metrics={k: metrics[i] for i, k in enumerate(plan.metric_names())})
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -263,10 +256,9 @@ class FusedLinearGRPOLoss(nn.Module):
 
     def __init__(self, config: GRPOConfig, *, backend: str = "auto") -> None:
         super().__init__()
-        if not isinstance(config, GRPOConfig):
-            raise TypeError(f"FusedLinearGRPOLoss: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"FusedLinearGRPOLoss: backend must be one of {', '.join(backends.BACKENDS)}; got {backend!r}")
+        fn = "FusedLinearGRPOLoss"
+        check_config(fn, config)
+        backends.check_name(fn, backend)
         self.config = config
         self.backend = backend
 

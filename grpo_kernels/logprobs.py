@@ -1,8 +1,8 @@
 """linear_logprobs: per-token log-probs (and entropy) straight from hidden states and the LM head.
 
-The autograd Function first, then the public function that validates and dispatches. The
-backends (``grpo_kernels.backends``) never see ignore_index tokens: they are removed here, so
-they cost no vocabulary work and get log-prob 0, entropy 0 and zero gradient.
+Row selection first, then the autograd Function, then the public function that validates and
+dispatches. The backends (``grpo_kernels.backends``) never see ignore_index tokens: they are
+removed here, so they cost no vocabulary work and get log-prob 0, entropy 0 and zero gradient.
 """
 
 from __future__ import annotations
@@ -13,20 +13,23 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_integer, check_positive, check_same_device, check_tensor
-from .backends import LogprobsParams
+from ._checks import DataChecks, check_lm_head
+from .backends import Backend, LogprobsParams
 
 
-def valid_rows(targets: Tensor, ignore_index: int) -> Optional[Tensor]:
-    """Indices of the tokens that are not ignore_index, or None when all are valid (no copy needed)."""
-    valid = targets != ignore_index
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(-1)
+def select_rows(keep: Tensor) -> Optional[Tensor]:
+    """Indices of the rows to compute ([n] int64), or None when all are kept (no copy needed)."""
+    rows = keep.reshape(-1).nonzero().squeeze(-1)
+    return None if rows.numel() == keep.numel() else rows
+
+
+def gather_rows(x: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """The kept rows of x ([n, ...]); x itself when all are kept."""
+    return x if rows is None else x[rows]
 
 
 def scatter_rows(values: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
-    """Place per-valid-token values back into an [n, ...] tensor of zeros."""
+    """Place per-kept-row values back into an [n, ...] tensor of zeros."""
     if rows is None:
         return values
     out = values.new_zeros((n,) + tuple(values.shape[1:]))
@@ -34,81 +37,45 @@ def scatter_rows(values: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
     return out
 
 
+def differentiable_once(fn: str) -> None:
+    """Raise when a backward runs with create_graph=True: these gradients have no graph of their own."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: create_graph must be False (the op is differentiable once: its gradient is formed "
+                           "by kernels, not by autograd ops); got a backward with create_graph=True")
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: forward keeps only [N] vectors, backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, params: LogprobsParams):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, rows: Optional[Tensor],
+                params: LogprobsParams, impl: Backend):
         n = hidden.shape[0]
-        impl = backends.module(params.backend)
-        rows = valid_rows(targets, params.ignore_index)
-        h = hidden if rows is None else hidden[rows]
-        t = targets if rows is None else targets[rows]
-        logp, ent, lse = impl.forward(h, weight, bias, t, params)
+        logp, ent, lse = impl.forward(gather_rows(hidden, rows), weight, bias, gather_rows(targets, rows), params)
         ctx.set_materialize_grads(False)
-        ctx.params = params
+        ctx.params, ctx.impl = params, impl
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, rows)
         logp = scatter_rows(logp, rows, n)
         if ent is None:
             return logp
-        ent = scatter_rows(ent, rows, n)
-        return logp, ent
+        return logp, scatter_rows(ent, rows, n)
 
     @staticmethod
     def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor] = None):
+        differentiable_once("linear_logprobs")
         hidden, weight, bias, targets, lse, ent, rows = ctx.saved_tensors
-        params: LogprobsParams = ctx.params
         needs = ctx.needs_input_grad[:3]
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None, None
         n = hidden.shape[0]
         if g_logp is None:
             g_logp = torch.zeros(n, dtype=lse.dtype, device=lse.device)
-        pick = (lambda x: x) if rows is None else (lambda x: None if x is None else x[rows])
-        h, t = pick(hidden), pick(targets)
-        dh, dw, db = backends.module(params.backend).backward(
-            h, weight, bias, t, lse, ent, pick(g_logp).to(lse.dtype), None if g_ent is None else pick(g_ent).to(lse.dtype),
-            params, needs,
-        )
+        g_ent = None if g_ent is None else gather_rows(g_ent, rows).to(lse.dtype)
+        dh, dw, db = ctx.impl.backward(gather_rows(hidden, rows), weight, bias, gather_rows(targets, rows), lse, ent,
+                                       gather_rows(g_logp, rows).to(lse.dtype), g_ent, ctx.params, needs)
         if dh is not None:
             dh = scatter_rows(dh, rows, n)
-        return dh, dw, db, None, None
-
-
-def validate_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                           temperature: float, softcap: Optional[float], ignore_index: int, backend: str) -> None:
-    """Checks shared by linear_logprobs and the fused loss: shapes, dtypes, devices, ids, options."""
-    tname = "targets" if fn == "linear_logprobs" else "completion_ids"
-    check_float(fn, "hidden", hidden)
-    check_float(fn, "weight", weight)
-    check_integer(fn, tname, targets)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be [V, D]; got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}; got shape {tuple(hidden.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{fn}: hidden and weight must share a dtype; got hidden {hidden.dtype} and weight {weight.dtype}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{fn}: {tname} must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(targets.shape)}")
-    if bias is not None:
-        check_tensor(fn, "bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{fn}: bias must be [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
-    check_same_device(fn, hidden=hidden, weight=weight, **{tname: targets}, bias=bias)
-    check_positive(fn, "temperature", temperature)
-    check_positive(fn, "softcap", softcap, allow_none=True)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{fn}: ignore_index must be an int; got {type(ignore_index).__name__}")
-    if targets.numel():
-        v = weight.shape[0]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
-        if bool(bad.any()):
-            first = int(targets[bad].reshape(-1)[0])
-            raise ValueError(f"{fn}: {tname} must be in [0, V) = [0, {v}) or equal ignore_index={ignore_index}; got {first}")
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of {', '.join(backends.BACKENDS)}; got {backend!r}")
+        return dh, dw, db, None, None, None, None
 
 
 def linear_logprobs(
@@ -126,10 +93,11 @@ def linear_logprobs(
     """Log-probs of ``targets`` under ``softmax(softcap((hidden @ weight.T + bias) / temperature))``.
 
     The [N, V] logits are never materialized: they are formed block by block and reduced on the
-    fly (forward), then recomputed for the gradient (backward).
+    fly (forward), then recomputed for the gradient (backward). Differentiable once (a backward
+    with create_graph=True raises).
 
     Args:
-        hidden: [..., D] float32 / bfloat16 / float16 hidden states.
+        hidden: [..., D] float32 / bfloat16 / float16 hidden states (float64 on backend "torch").
         weight: [V, D] LM-head weight, same dtype as hidden.
         targets: [...] int64 token ids in [0, V), or ignore_index.
         bias: optional [V] LM-head bias.
@@ -141,19 +109,21 @@ def linear_logprobs(
             ``grpo_kernels.last_backend()`` tells which one ran.
 
     Returns:
-        logp [...] float32, and entropy [...] float32 when return_entropy.
+        logp [...] float32 (float64 for float64 inputs), and entropy [...] likewise when return_entropy.
     """
     fn = "linear_logprobs"
-    validate_linear_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
+    checks = DataChecks(fn)
+    check_lm_head(fn, hidden, weight, targets, "targets", bias, temperature, softcap, ignore_index, checks)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")
-    name = backends.resolve(backend, hidden.device, hidden.dtype)
+    name = backends.resolve(fn, backend, hidden.device, hidden.dtype)
+    checks.run()
     backends.record(fn, name)
-    params = LogprobsParams(float(temperature), None if softcap is None else float(softcap), ignore_index, return_entropy, name)
+    params = LogprobsParams.make(temperature, softcap, return_entropy)
     lead = hidden.shape[:-1]
-    out = LinearLogprobsFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).long(), params
-    )
+    t = targets.reshape(-1).long()
+    out = LinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, t,
+                                       select_rows(t != ignore_index), params, backends.get(name))
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

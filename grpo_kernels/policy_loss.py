@@ -1,10 +1,14 @@
-"""GRPO-family policy loss on per-token log-probs: the math, written once.
+"""GRPO-family policy loss on per-token log-probs: the math, written once, and the plan of a call.
 
 Every loss_type is a per-token surrogate ``l`` followed by a reduction. Every reduction of
-DESIGN.md is *linear* in ``l`` with weights that depend only on the mask (and on
+docs/design.md ("The math") is *linear* in ``l`` with weights that depend only on the mask (and on
 num_items_in_batch), so it is written once as a weight tensor ``w`` (:func:`reduction_weights`)
-and the loss is ``sum(w * l)``. The fused kernels reuse exactly these functions on slices of
-tokens to get dLoss/dlogp chunk by chunk; :func:`grpo_loss` applies them to whole tensors.
+and the loss is ``sum(w * l)``. The fused loss reuses exactly these functions on slices of tokens
+to get dLoss/dlogp chunk by chunk; :func:`grpo_loss` applies them to whole tensors.
+
+The file reads top-down: types, math, the loss plan (:class:`LossPlan`: which objectives are
+token-separable, the on-policy context, the metric list), the objective, validation, and the
+public functions (:func:`grpo_loss`, and :func:`grpo_loss_unchecked` for callers that validated).
 
 Shapes: B sequences, T completion positions. ``logp``, ``mask``, ``old_logp``, ``ref_logp`` are
 ``[B, T]``; advantages are ``[B]`` (per sequence) or ``[B, T]`` (per token); ``is_ratio`` is
@@ -20,10 +24,22 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_float, check_same_device, check_shape, check_tensor
+from ._checks import DataChecks, check_config, check_float, check_same_device, check_shape, check_tensor
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
+Number = Union[int, float, Tensor]
+
+# ---------------------------------------------------------------------------------------------------
+# Types
+# ---------------------------------------------------------------------------------------------------
+
+# Every metric a call can report, in the order of the fused loss's stacked metrics.
 METRIC_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
+
+
+def metric_names(has_ref: bool, has_entropy: bool) -> tuple[str, ...]:
+    """The metrics of a call: kl only with ref_logp, entropy only when the entropy is known."""
+    return tuple(k for k in METRIC_NAMES if (k != "kl" or has_ref) and (k != "entropy" or has_entropy))
 
 
 @dataclass
@@ -60,6 +76,23 @@ class TokenContext:
         return TokenContext(**{f: s(getattr(self, f)) for f in self.__dataclass_fields__})
 
 
+# ---------------------------------------------------------------------------------------------------
+# Math
+# ---------------------------------------------------------------------------------------------------
+
+# Loss types whose reduction divides by the token count of the whole (accumulated) batch.
+TOKEN_COUNT_NORMALIZED = ("dapo", "cispo", "vespo")
+
+
+def normalized_by_token_count(loss_type: str) -> bool:
+    """Whether ``loss_type`` divides by the whole batch's token count (``num_items_in_batch``).
+
+    Such losses add up over micro-batches (each already carries its share of the normalizer); the
+    others are per-micro-batch means that gradient accumulation averages.
+    """
+    return loss_type in TOKEN_COUNT_NORMALIZED
+
+
 def kl_divergence(logp: Tensor, ref: Tensor, estimator: str) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled token."""
     d = ref - logp
@@ -84,6 +117,7 @@ def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Opti
         return m / float(B * config.max_completion_length)
     if lt == "luspo":
         return m / float(B)
+    assert normalized_by_token_count(lt), lt
     return m / active_token_count(m, num_items_in_batch).to(dtype)
 
 
@@ -154,6 +188,109 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     values = values if values.dtype == torch.float64 else values.float()
     threshold = torch.quantile(values, 1.0 - quantile)
     return (entropy >= threshold) & active
+
+
+def sequence_log_weight(logp: Tensor, old: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's log sequence ratio: the length-normalized sum of token log-ratios, [B, 1]."""
+    m = mask.to(logp.dtype)
+    active = mask != 0
+    lr = torch.where(active, logp - old.to(logp.dtype), torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return (lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def _expand_per_sequence(x: Tensor, B: int) -> Tensor:
+    """[B] -> [B, 1]; [B, 1] and [B, T] broadcast as they are."""
+    return x.reshape(B, 1) if x.dim() == 1 else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss plan: what follows from the options and the inputs of one call
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """The non-logp inputs of one loss call (validated, detached) and the rules that follow from them."""
+
+    mask: Tensor
+    advantages: Tensor
+    config: GRPOConfig
+    old_logp: Optional[Tensor] = None
+    ref_logp: Optional[Tensor] = None
+    is_ratio: Optional[Tensor] = None
+    num_items_in_batch: Optional[Number] = None
+
+    @property
+    def token_separable(self) -> bool:
+        """Whether a token's dLoss/dlogp is known from its own logp (and entropy) alone.
+
+        Not so for GSPO's sequence ratio, vespo with old_logp (its gamma weight uses the sequence's
+        summed log-ratio) and top_entropy_quantile < 1 (a batch quantile of the entropy): those need
+        every token's logp first (the two-pass schedule).
+        """
+        cfg = self.config
+        return not (cfg.importance_sampling_level == "sequence" or cfg.top_entropy_quantile < 1.0
+                    or (cfg.loss_type == "vespo" and self.old_logp is not None))
+
+    def metric_names(self, has_entropy: bool = True) -> tuple[str, ...]:
+        return metric_names(self.ref_logp is not None, has_entropy)
+
+    def token_context(self, dtype: torch.dtype = torch.float32) -> TokenContext:
+        """The per-token context of a token-separable plan over the [B, T] grid, weights in ``dtype``."""
+        assert self.token_separable
+        B, T = self.mask.shape
+        phi = None
+        if self.config.loss_type == "vespo":  # on-policy: the token log-ratios are exactly 0
+            isr = None if self.is_ratio is None else _expand_per_sequence(self.is_ratio, B)
+            phi = vespo_weights(_expand_per_sequence(self.advantages, B), torch.zeros(B, T, dtype=dtype, device=self.mask.device),
+                                self.mask, isr, self.config)
+        return build_context(self.mask, self.advantages, self.config, old_logp=self.old_logp, ref_logp=self.ref_logp,
+                             is_ratio=self.is_ratio, num_items_in_batch=self.num_items_in_batch, phi=phi, dtype=dtype)
+
+    def loss(self, logp: Tensor, entropy: Optional[Tensor]) -> GRPOLossOutput:
+        """The whole loss from [B, T] log-probs (any plan): :func:`grpo_loss_unchecked`."""
+        return grpo_loss_unchecked(logp, self.advantages, self.mask, self.config, old_logp=self.old_logp,
+                                   ref_logp=self.ref_logp, is_ratio=self.is_ratio,
+                                   num_items_in_batch=self.num_items_in_batch, entropy=entropy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_context(
+    mask: Tensor,
+    advantages: Tensor,
+    config: GRPOConfig,
+    *,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    is_ratio: Optional[Tensor],
+    num_items_in_batch: Optional[Union[int, float, Tensor]],
+    phi: Optional[Tensor] = None,
+    entropy_mask: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> TokenContext:
+    """The per-token context over the full [B, T] grid (per-sequence tensors broadcast); weights in dtype."""
+    B, T = mask.shape
+    active = mask != 0
+    m = mask.to(dtype)
+    adv = advantages.reshape(B, 1).expand(B, T) if advantages.dim() == 1 else advantages
+    isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B).expand(B, T)
+    metric_w = m / m.sum().clamp(min=1.0)
+    return TokenContext(
+        active=active,
+        old=old_logp,
+        ref=ref_logp,
+        adv=adv,
+        is_ratio=isr,
+        phi=None if phi is None else phi.expand(B, T),
+        entropy_mask=entropy_mask,
+        loss_w=reduction_weights(mask, config, num_items_in_batch, dtype),
+        metric_w=metric_w,
+        entropy_w=metric_w if config.entropy_coef != 0.0 else None,
+    )
 
 
 def token_objective(
@@ -227,9 +364,9 @@ def token_objective(
     return loss, sums
 
 
-def _expand_per_sequence(x: Tensor, B: int) -> Tensor:
-    """[B] -> [B, 1]; [B, 1] and [B, T] broadcast as they are."""
-    return x.reshape(B, 1) if x.dim() == 1 else x
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
 
 
 def validate_loss_inputs(
@@ -242,11 +379,11 @@ def validate_loss_inputs(
     old_logp: Optional[Tensor],
     ref_logp: Optional[Tensor],
     is_ratio: Optional[Tensor],
-    num_items_in_batch: Optional[Union[int, float, Tensor]],
+    num_items_in_batch: Optional[Number],
+    checks: DataChecks,
 ) -> None:
-    """Checks shared by grpo_loss and the fused loss, before any work."""
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
+    """Checks shared by grpo_loss and the fused loss, before any work; data checks join ``checks``."""
+    check_config(fn, config)
     B, T = logp_shape
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, (B, T), "the completion tokens")
@@ -254,15 +391,15 @@ def validate_loss_inputs(
     check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if advantages.device != device:
         raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
-    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
-        raise ValueError(f"{fn}: mask must be finite (0/1 or non-negative weights)")
-    if mask.dtype != torch.bool and bool((mask < 0).any()):
-        raise ValueError(f"{fn}: mask must be non-negative (0 for padding, 1 for completion tokens)")
+    if mask.is_floating_point():
+        checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights)")
+    if mask.dtype != torch.bool:
+        checks.require(~(mask < 0).any(), lambda: f"{fn}: mask must be non-negative (0 for padding, 1 for completion tokens)")
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"{fn}: advantages must be [B] = ({B},) per sequence or [B, T] = ({B}, {T}) per token; got {tuple(advantages.shape)}")
     # only advantages that reach the loss must be finite: padding may hold anything
     live = (mask != 0) if advantages.dim() == 2 else (mask != 0).any(-1)
-    check_finite(fn, "advantages", advantages[live])
+    checks.finite("advantages", torch.where(live, advantages, 0.0))
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if x is not None:
             check_float(fn, name, x)
@@ -273,56 +410,23 @@ def validate_loss_inputs(
         check_float(fn, "is_ratio", is_ratio)
         if tuple(is_ratio.shape) not in ((B, T), (B,), (B, 1)):
             raise ValueError(f"{fn}: is_ratio must be [B, T] = ({B}, {T}), [B] or [B, 1]; got {tuple(is_ratio.shape)}")
-        live_is = is_ratio[mask != 0] if is_ratio.shape == (B, T) else is_ratio.reshape(B)[(mask != 0).any(-1)]
-        check_finite(fn, "is_ratio", live_is)
-        if bool((live_is < 0).any()):
-            raise ValueError(f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
+        live_is = torch.where(mask != 0, is_ratio, 1.0) if is_ratio.shape == (B, T) else \
+            torch.where((mask != 0).any(-1), is_ratio.reshape(B), 1.0)
+        checks.finite("is_ratio", live_is)
+        checks.require(~(live_is < 0).any(), lambda: f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
     if num_items_in_batch is not None:
-        n = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
-        if not n > 0:
-            raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
+        if isinstance(num_items_in_batch, Tensor):
+            n_items = num_items_in_batch
+            checks.require((n_items > 0).all(), lambda: f"{fn}: num_items_in_batch must be > 0; got {float(n_items)}")
+        else:
+            n = float(num_items_in_batch)
+            if not n > 0:
+                raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
 
 
-def build_context(
-    mask: Tensor,
-    advantages: Tensor,
-    config: GRPOConfig,
-    *,
-    old_logp: Optional[Tensor],
-    ref_logp: Optional[Tensor],
-    is_ratio: Optional[Tensor],
-    num_items_in_batch: Optional[Union[int, float, Tensor]],
-    phi: Optional[Tensor] = None,
-    entropy_mask: Optional[Tensor] = None,
-    dtype: torch.dtype = torch.float32,
-) -> TokenContext:
-    """The per-token context over the full [B, T] grid (per-sequence tensors broadcast); weights in dtype."""
-    B, T = mask.shape
-    active = mask != 0
-    m = mask.to(dtype)
-    adv = advantages.reshape(B, 1).expand(B, T) if advantages.dim() == 1 else advantages
-    isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B).expand(B, T)
-    metric_w = m / m.sum().clamp(min=1.0)
-    return TokenContext(
-        active=active,
-        old=old_logp,
-        ref=ref_logp,
-        adv=adv,
-        is_ratio=isr,
-        phi=None if phi is None else phi.expand(B, T),
-        entropy_mask=entropy_mask,
-        loss_w=reduction_weights(mask, config, num_items_in_batch, dtype),
-        metric_w=metric_w,
-        entropy_w=metric_w if config.entropy_coef != 0.0 else None,
-    )
-
-
-def sequence_log_weight(logp: Tensor, old: Tensor, mask: Tensor) -> Tensor:
-    """GSPO's log sequence ratio: the length-normalized sum of token log-ratios, [B, 1]."""
-    m = mask.to(logp.dtype)
-    active = mask != 0
-    lr = torch.where(active, logp - old.to(logp.dtype), torch.zeros((), dtype=logp.dtype, device=logp.device))
-    return (lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+# ---------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------
 
 
 def grpo_loss(
@@ -357,28 +461,35 @@ def grpo_loss(
         (when entropy is given): token means over the completion tokens.
     """
     fn = "grpo_loss"
+    check_config(fn, config)
     check_float(fn, "logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"{fn}: logp must be [B, T]; got shape {tuple(logp.shape)}")
-    validate_loss_inputs(fn, tuple(logp.shape), logp.device, advantages, mask, config, old_logp, ref_logp, is_ratio, num_items_in_batch)
+    checks = DataChecks(fn)
+    validate_loss_inputs(fn, tuple(logp.shape), logp.device, advantages, mask, config, old_logp, ref_logp, is_ratio,
+                         num_items_in_batch, checks)
     if entropy is not None:
         check_float(fn, "entropy", entropy)
         check_shape(fn, "entropy", entropy, logp.shape, "logp")
     elif config.needs_entropy:
         raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
-    return _grpo_loss(logp, advantages, mask, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
+    checks.run()
+    return grpo_loss_unchecked(logp, advantages, mask, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
                       num_items_in_batch=num_items_in_batch, entropy=entropy)
 
 
-def _grpo_loss(logp, advantages, mask, config, *, old_logp, ref_logp, is_ratio, num_items_in_batch, entropy) -> GRPOLossOutput:
-    """grpo_loss without validation (the fused path calls it on already-checked inputs)."""
+def grpo_loss_unchecked(logp: Tensor, advantages: Tensor, mask: Tensor, config: GRPOConfig, *,
+                        old_logp: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None,
+                        is_ratio: Optional[Tensor] = None, num_items_in_batch: Optional[Number] = None,
+                        entropy: Optional[Tensor] = None) -> GRPOLossOutput:
+    """:func:`grpo_loss` without validation, for callers that validated the same inputs already
+    (the fused loss, integrations). Same arguments, shapes and result; weights in logp's dtype."""
     B, T = logp.shape
     old = logp.detach() if old_logp is None else old_logp
     phi = None
     if config.loss_type == "vespo":
-        adv_b = advantages.reshape(B, 1) if advantages.dim() == 1 else advantages
         isr = None if is_ratio is None else _expand_per_sequence(is_ratio, B)
-        phi = vespo_weights(adv_b, (logp - old.to(logp.dtype)).detach(), mask, isr, config)
+        phi = vespo_weights(_expand_per_sequence(advantages, B), (logp - old.to(logp.dtype)).detach(), mask, isr, config)
     emask = None
     if config.top_entropy_quantile < 1.0:
         emask = top_entropy_mask(entropy.detach(), mask, config.top_entropy_quantile)

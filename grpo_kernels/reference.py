@@ -2,7 +2,7 @@
 
 Run it on float64-upcast inputs (``compute_dtype=torch.float64``) for the gold values tests
 compare against; run it in the inputs' own dtype for "the materializing PyTorch path" whose
-error sets the bar for every kernel (DESIGN.md: a kernel may err at most 2x as much). Nothing
+error sets the bar for every kernel (docs/design.md: a kernel may err at most 2x as much). Nothing
 here is fast or memory-efficient on purpose.
 """
 

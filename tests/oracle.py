@@ -1,4 +1,4 @@
-"""The comparison rule of DESIGN.md, in one place.
+"""The comparison rule of docs/design.md, in one place.
 
 A kernel's error against the float64 oracle may be at most ``factor`` (2) times the error of the
 materializing PyTorch path run in the same dtype, plus a small floor. NaN/inf never passes.

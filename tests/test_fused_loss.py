@@ -69,7 +69,7 @@ def _ids(case):
 
 
 def same_dtype(hidden, weight, b, ids, mask, adv, cfg, old, ref, **kw):
-    """The materializing PyTorch path in the inputs' dtype: the error bar of DESIGN.md's 2x rule."""
+    """The materializing PyTorch path in the inputs' dtype: the error bar of docs/design.md's 2x rule."""
     return run_loss(reference.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, **kw)
 
 
@@ -220,19 +220,19 @@ def test_cpu_one_pass_over_several_chunks(chunk, dtype, options, seed, monkeypat
     from grpo_kernels.backends import cpu
 
     assert cpu.one_pass(DTYPES[dtype], 33)
-    monkeypatch.setattr(cpu, "FUSED_CHUNK_TOKENS", chunk)
-    _forbid(monkeypatch, cpu, "forward", "backward")
+    _forbid(monkeypatch, cpu.CpuBackend, "forward", "backward")
     cfg = gk.GRPOConfig(**CHUNK_OPTIONS[options])
     hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=4, T=40, D=33, V=301, dtype=DTYPES[dtype], bias=True)
     ref = ref if cfg.beta else None
-    out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(fused_chunk_tokens=chunk))):
+        out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
     args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
     check(out, grads, oracle64(*args), same_dtype(*args))
 
 
 @needs_cpu_ext
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_cpu_one_pass_dweight_across_chunks_is_rounded_once(dtype, seed, monkeypatch):
+def test_cpu_one_pass_dweight_across_chunks_is_rounded_once(dtype, seed):
     """16 chunks add into a 16-bit dW through its int8 residual and give the dW of one chunk within an ulp."""
     from grpo_kernels.backends import LogprobsParams, cpu
 
@@ -243,15 +243,15 @@ def test_cpu_one_pass_dweight_across_chunks_is_rounded_once(dtype, seed, monkeyp
     w = (torch.randn(v, d) / d**0.5).to(dt)
     t = torch.randint(0, v, (n,))
     g = torch.randn(n)
-    params = LogprobsParams(1.0, None, -100, False, "cpu")
+    params = LogprobsParams.make(1.0, None, False)
 
     def coef(start, end, logp, ent):
         return g[start:end], None
 
-    monkeypatch.setattr(cpu, "FUSED_CHUNK_TOKENS", 256)
-    *_, dw_split, _ = cpu.forward_backward(h, w, None, t, params, coef, (False, True, False))
-    _, _, lse = cpu.forward(h, w, None, t, params)
-    _, dw_once, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    once, chunked = cpu.CpuBackend(), cpu.CpuBackend(cpu.CpuTuning(fused_chunk_tokens=256))
+    *_, dw_split, _ = chunked.forward_backward(h, w, None, t, params, coef, (False, True, False))
+    _, _, lse = once.forward(h, w, None, t, params)
+    _, dw_once, _ = once.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
     ulp = torch.finfo(dt).eps * dw_once.float().abs().max()
     assert (dw_split.float() - dw_once.float()).abs().max() <= ulp
 
@@ -262,11 +262,11 @@ def test_cpu_two_pass_schedule_where_one_pass_does_not_pay(dtype, seed, monkeypa
     """AMX machines run forward, then the recomputing backward: the same loss and gradients."""
     from grpo_kernels.backends import cpu
 
-    monkeypatch.setattr(cpu, "one_pass", lambda dtype, d: False)
-    _forbid(monkeypatch, cpu, "_one_pass_schedule")
+    _forbid(monkeypatch, cpu.CpuBackend, "_one_pass_schedule")
     cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.05)
     hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=4, T=40, D=32, V=301, dtype=DTYPES[dtype], bias=True)
-    out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(schedule="two-pass"))):
+        out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
     args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
     check(out, grads, oracle64(*args), same_dtype(*args))
 

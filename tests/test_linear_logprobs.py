@@ -1,4 +1,4 @@
-"""linear_logprobs: every backend against the float64 oracle of reference.py (DESIGN.md's 2x rule).
+"""linear_logprobs: every backend against the float64 oracle of reference.py (docs/design.md's 2x rule).
 
 Values and gradients (dH, dW, dbias from random upstream gradients on logp and entropy) are
 compared with ``reference.linear_logprobs(..., compute_dtype=torch.float64)``; the bar is twice the
@@ -200,17 +200,17 @@ def compare_backend_outputs(label, got: dict, oracle: dict, same: dict) -> None:
         assert_close_to_oracle(f"{label}/{name}", value.cpu(), oracle[name], same_dtype=same[name])
 
 
-# The C++ backend has no single pass by design (see backends/cpu.py): the fused loss runs it in two.
-ONE_PASS_BACKENDS = [name for name in BACKENDS if hasattr(gk.backends.module(name), "forward_backward")]
+# Every backend has forward_backward (the contract): its own one pass, or the shared two-pass schedule.
+ONE_PASS_BACKENDS = [name for name in BACKENDS if isinstance(gk.backends.get(name), gk.backends.Backend)]
 
 
 @pytest.mark.parametrize("case", [Case((5, 3), 97, 40, BF16, **ALL), Case((7,), 97, 24, temperature=0.8)], ids=str)
 @pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 def test_forward_backward_single_pass(backend, case, seed):
     """forward_backward (the fused loss's pass) == forward, coef_fn, backward; chunks cover [0, N) in order."""
-    impl = gk.backends.module(backend)
+    impl = gk.backends.get(backend)
     (h, w, b, t), g_logp, g_ent, oracle, same = backend_call_inputs(case, device_of(backend))
-    params = LogprobsParams(case.temperature, case.softcap, IGNORE, case.entropy, backend)
+    params = LogprobsParams.make(case.temperature, case.softcap, case.entropy)
     chunks = []
 
     def coef_fn(start, end, lp, en):
@@ -229,8 +229,8 @@ def test_forward_backward_single_pass(backend, case, seed):
 def test_backward_skips_unneeded_gradients(backend, seed):
     case = Case((6,), 97, 24, BF16, **ALL)
     (h, w, b, t), g_logp, g_ent, oracle, same = backend_call_inputs(case, device_of(backend))
-    impl = gk.backends.module(backend)
-    params = LogprobsParams(case.temperature, case.softcap, IGNORE, True, backend)
+    impl = gk.backends.get(backend)
+    params = LogprobsParams.make(case.temperature, case.softcap, True)
     logp, ent, lse = impl.forward(h, w, b, t, params)
     for needs in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
         grads = impl.backward(h, w, b, t, lse, ent, g_logp, g_ent, params, needs)
@@ -255,7 +255,7 @@ def test_triton_split_grids(case, programs, splits, seed):
     assert (cfg.split(7, 3), cfg.split(3, 7)) == splits  # (97 columns / 16 over 3 row blocks, and back)
     assert replace(cfg, max_partial_bytes=4 * 97 * 40 * 2).split(3, 7, 97 * 40)[0] <= 2  # memory cap
     (h, w, b, t), g_logp, g_ent, oracle, same = backend_call_inputs(case, device_of("triton"))
-    params = LogprobsParams(case.temperature, case.softcap, IGNORE, case.entropy, "triton")
+    params = LogprobsParams.make(case.temperature, case.softcap, case.entropy)
     logp, ent, lse = launch.forward(h, w, b, t, params, cfg)
     dh, dw, db = launch.backward(h, w, b, t, lse, ent, g_logp, g_ent if case.entropy else None, params,
                                  (True, True, True), cfg)
@@ -372,17 +372,17 @@ SUPER_CHUNK_CASES = [
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
 @pytest.mark.parametrize("case", SUPER_CHUNK_CASES, ids=str)
-def test_cpu_super_chunks_match_oracle(case, seed, monkeypatch):
+def test_cpu_super_chunks_match_oracle(case, seed):
     """Inputs larger than one super-chunk: dW crosses super-chunks through the compensated accumulator."""
     from grpo_kernels.backends import cpu
 
-    monkeypatch.setattr(cpu, "SUPER_CHUNK_TOKENS", 256)
-    check_case("cpu", case)
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))):
+        check_case("cpu", case)
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed, monkeypatch):
+def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed):
     """16 super-chunks give the dW of one: the int8 residual carries what bf16/fp16 rounding drops."""
     from grpo_kernels.backends import cpu
 
@@ -391,10 +391,10 @@ def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed, monkeypatc
     w = (torch.randn(v, d) / d**0.5).to(dtype)
     t = torch.randint(0, v, (n,))
     g = torch.randn(n)
-    params = LogprobsParams(1.0, None, IGNORE, False, "cpu")
-    _, _, lse = cpu.forward(h, w, None, t, params)
-    _, dw_once, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
-    monkeypatch.setattr(cpu, "SUPER_CHUNK_TOKENS", 256)
-    _, dw_split, _ = cpu.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    params = LogprobsParams.make(1.0, None, False)
+    once, split = cpu.CpuBackend(), cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))
+    _, _, lse = once.forward(h, w, None, t, params)
+    _, dw_once, _ = once.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
+    _, dw_split, _ = split.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
     ulp = torch.finfo(dtype).eps * dw_once.float().abs().max()
     assert (dw_split.float() - dw_once.float()).abs().max() <= ulp

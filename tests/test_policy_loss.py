@@ -1,4 +1,4 @@
-"""grpo_loss: every loss_type against an independent scalar implementation of DESIGN.md's math.
+"""grpo_loss: every loss_type against an independent scalar implementation of docs/design.md's math.
 
 The expected values are computed here token by token with Python floats (``math.exp`` ...), not
 with the library's tensor code, so a shared mistake cannot cancel out.
@@ -31,7 +31,7 @@ def _phi(adv: float, seq_log: float, cfg: gk.GRPOConfig) -> float:
 
 
 def scalar_loss(logp, adv, mask, cfg, old=None, ref=None, is_ratio=None, num_items=None, entropy=None):
-    """(loss, metrics) of DESIGN.md's formulas, one token at a time, in Python floats."""
+    """(loss, metrics) of docs/design.md's formulas, one token at a time, in Python floats."""
     B, T = len(logp), len(logp[0])
     old = old or [[logp[i][t] for t in range(T)] for i in range(B)]
     A = [[adv[i][t] if isinstance(adv[i], list) else adv[i] for t in range(T)] for i in range(B)]

@@ -1,34 +1,51 @@
-"""Launchers of the C++ CPU kernels (grpo_kernels._C, built from csrc/).
+"""The C++ CPU backend: launchers of the kernels of grpo_kernels._C (built from csrc/).
 
 The kernels write into outputs allocated here (``backends.empty``: NaN in test poison mode).
 
-``forward_backward`` (the fused GRPO loss) picks its schedule by the GEMM path of the machine:
+The fused GRPO loss (``forward_backward``) runs one of two schedules, by the GEMM path of the machine:
 - plain (AVX2/AVX-512 machines, and fp32 everywhere): one pass, three GEMMs per token. Chunks of
   at most 256 tokens keep exp(logit - running max) per logit (bf16 for 16-bit inputs: 83 MB for
   256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
   add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so
   it is rounded as if accumulated in fp32.
-- amx-vnni (16-bit inputs on AMX): two passes, four GEMMs per token (forward, then the
-  recomputing backward), whose GEMMs take VNNI-packed operands. The one-pass gradient step runs
-  its dH and dW GEMMs on unpacked operands; a packed variant has not been built, as no AMX
-  machine was at hand to test and time it against the two passes.
+- amx-vnni (16-bit inputs on AMX): the shared two-pass schedule of ``grpo_kernels.backends``, four
+  GEMMs per token (forward, then the recomputing backward), whose GEMMs take VNNI-packed operands.
+  The one-pass gradient step runs its dH and dW GEMMs on unpacked operands; a packed variant has
+  not been built, as no AMX machine was at hand to test and time it against the two passes.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
-from . import LogprobsParams, cpu_extension, empty
+from . import CoefFn, FusedResult, Grads, LogprobsParams, Needs, TwoPassBackend, cpu_extension, empty
 
-# Tokens per super-chunk (a multiple of 256); 0 lets the kernel size it from its memory budget.
-# Tests set it small to exercise dW accumulation across super-chunks on small inputs.
-SUPER_CHUNK_TOKENS = 0
-# Tokens per one-pass chunk (at most 256); 0 lets the kernel size it from its memory budget. Tests set
-# it small to run several chunks on small inputs.
-FUSED_CHUNK_TOKENS = 0
+
+@dataclass(frozen=True)
+class CpuTuning:
+    """Knobs of the C++ backend (0: the kernel sizes it from its memory budget).
+
+    super_chunk_tokens: tokens per super-chunk of forward / backward (a multiple of 256); tests set it
+        small to exercise dW accumulation across super-chunks on small inputs.
+    fused_chunk_tokens: tokens per one-pass chunk (at most 256); tests set it small to run several chunks.
+    schedule: "auto" (one pass on the plain GEMM path, two passes on AMX), "one-pass" or "two-pass".
+    """
+
+    super_chunk_tokens: int = 0
+    fused_chunk_tokens: int = 0
+    schedule: Literal["auto", "one-pass", "two-pass"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.super_chunk_tokens < 0 or self.super_chunk_tokens % 256:
+            raise ValueError(f"CpuTuning: super_chunk_tokens must be 0 or a positive multiple of 256; got {self.super_chunk_tokens}")
+        if not 0 <= self.fused_chunk_tokens <= 256:
+            raise ValueError(f"CpuTuning: fused_chunk_tokens must be in [0, 256]; got {self.fused_chunk_tokens}")
+        if self.schedule not in ("auto", "one-pass", "two-pass"):
+            raise ValueError(f"CpuTuning: schedule must be auto, one-pass or two-pass; got {self.schedule!r}")
 
 
 def _ext():
@@ -42,73 +59,75 @@ def gemm_path(dtype: torch.dtype, d: int) -> str:
     return _ext().gemm_path(dtype, d)
 
 
-def _inputs(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor):
-    """The inputs as the kernels take them: contiguous, in a dtype they support."""
-    if h.dtype == torch.float64:
-        raise TypeError("backend 'cpu' supports float32, bfloat16 and float16; use backend='torch' for float64")
-    return h.contiguous(), w.contiguous(), None if b is None else b.contiguous(), t.contiguous()
-
-
-def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams):
-    h, w, b, t = _inputs(h, w, b, t)
-    n = h.shape[0]
-    logp = empty((n,), torch.float32, h.device)
-    lse = empty((n,), torch.float32, h.device)
-    ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
-    _ext().forward(h, w, b, t, p.temperature, p.softcap, SUPER_CHUNK_TOKENS, logp, lse, ent)
-    return logp, ent, lse
-
-
-def backward(h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs):
-    h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
-    b = None if b is None else b.contiguous()
-    dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
-    dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
-    db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
-    _ext().backward(h, w, b, t, lse.float().contiguous(), None if ent is None else ent.float().contiguous(),
-                    g_logp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
-                    p.temperature, p.softcap, SUPER_CHUNK_TOKENS, dh, dw, db)
-    return dh, dw, db
-
-
 def one_pass(dtype: torch.dtype, d: int) -> bool:
-    """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size."""
+    """Whether the one-pass, three-GEMM schedule pays for this dtype and hidden size on this machine."""
     return gemm_path(dtype, d) == "plain"
 
 
-def forward_backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams, coef_fn, needs):
-    h, w, b, t = _inputs(h, w, b, t)
-    run = _one_pass_schedule if one_pass(h.dtype, w.shape[1]) else _two_pass_schedule
-    return run(h, w, b, t, p, coef_fn, needs)
+def _vec(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.float().contiguous()
 
 
-def _two_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
-    logp, ent, lse = forward(h, w, b, t, p)
-    g_logp, g_ent = coef_fn(0, h.shape[0], logp, ent)
-    dh, dw, db = backward(h, w, b, t, lse, ent, g_logp, g_ent, p, needs)
-    return logp, ent, dh, dw, db
+@dataclass(frozen=True)
+class CpuBackend(TwoPassBackend):
+    """The C++ kernels; ``tuning`` is fixed for the instance (see :func:`grpo_kernels.backends.use`)."""
 
+    tuning: CpuTuning = field(default_factory=CpuTuning)
+    name: str = "cpu"
 
-def _one_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
-    ext = _ext()
-    n, (v, d) = h.shape[0], w.shape
-    chunk = FUSED_CHUNK_TOKENS or ext.fused_chunk_tokens(n, v, d, h.dtype)
-    kept = torch.empty(ext.kept_bytes(min(chunk, n), v, h.dtype), dtype=torch.uint8)
-    logp = empty((n,), torch.float32, h.device)
-    lse = empty((n,), torch.float32, h.device)
-    ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
-    dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
-    dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
-    multi_chunk_16bit = dw is not None and w.dtype != torch.float32 and n > chunk
-    dw_lo = torch.empty(tuple(w.shape), dtype=torch.int8) if multi_chunk_16bit else None
-    db_acc = torch.zeros(v, dtype=torch.float32) if needs[2] and b is not None else None
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        en = None if ent is None else ent[s:e]
-        ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, kept, logp[s:e], lse[s:e], en)
-        g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
-        ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, g_logp.float().contiguous(),
-                           None if g_ent is None else g_ent.float().contiguous(), p.temperature, p.softcap,
-                           None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
-    db = None if db_acc is None else db_acc.to(b.dtype)
-    return logp, ent, dh, dw, db
+    def forward(self, h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams):
+        assert h.dtype == w.dtype and h.dtype != torch.float64, h.dtype
+        h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
+        b = None if b is None else b.contiguous()
+        n = h.shape[0]
+        logp = empty((n,), torch.float32, h.device)
+        lse = empty((n,), torch.float32, h.device)
+        ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
+        _ext().forward(h, w, b, t, p.temperature, p.softcap, self.tuning.super_chunk_tokens, logp, lse, ent)
+        return logp, ent, lse
+
+    def backward(self, h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs: Needs) -> Grads:
+        h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
+        b = None if b is None else b.contiguous()
+        dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
+        dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
+        db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
+        _ext().backward(h, w, b, t, _vec(lse), _vec(ent), _vec(g_logp), _vec(g_ent),
+                        p.temperature, p.softcap, self.tuning.super_chunk_tokens, dh, dw, db)
+        return dh, dw, db
+
+    def one_pass(self, dtype: torch.dtype, d: int) -> bool:
+        if self.tuning.schedule != "auto":
+            return self.tuning.schedule == "one-pass"
+        return one_pass(dtype, d)
+
+    def forward_backward(self, h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams,
+                         coef_fn: CoefFn, needs: Needs) -> FusedResult:
+        if not self.one_pass(h.dtype, w.shape[1]) or h.shape[0] == 0:
+            return super().forward_backward(h, w, b, t, p, coef_fn, needs)
+        return self._one_pass_schedule(h, w, b, t, p, coef_fn, needs)
+
+    def _one_pass_schedule(self, h, w, b, t, p: LogprobsParams, coef_fn: CoefFn, needs: Needs) -> FusedResult:
+        ext = _ext()
+        h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
+        b = None if b is None else b.contiguous()
+        n, (v, d) = h.shape[0], w.shape
+        chunk = self.tuning.fused_chunk_tokens or ext.fused_chunk_tokens(n, v, d, h.dtype)
+        kept = torch.empty(ext.kept_bytes(min(chunk, n), v, h.dtype), dtype=torch.uint8)
+        logp = empty((n,), torch.float32, h.device)
+        lse = empty((n,), torch.float32, h.device)
+        ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
+        dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
+        dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
+        multi_chunk_16bit = dw is not None and w.dtype != torch.float32 and n > chunk
+        dw_lo = torch.empty(tuple(w.shape), dtype=torch.int8) if multi_chunk_16bit else None
+        db_acc = torch.zeros(v, dtype=torch.float32) if needs[2] and b is not None else None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            en = None if ent is None else ent[s:e]
+            ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, kept, logp[s:e], lse[s:e], en)
+            g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
+            ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, _vec(g_logp), _vec(g_ent),
+                               p.temperature, p.softcap, None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
+        db = None if db_acc is None else db_acc.to(b.dtype)
+        return logp, ent, dh, dw, db

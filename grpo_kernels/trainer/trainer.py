@@ -40,7 +40,7 @@ from .. import reference
 from ..advantages import group_advantages
 from ..fused import FusedLinearGRPOLoss
 from ..logprobs import linear_logprobs
-from ..policy_loss import GRPOLossOutput
+from ..policy_loss import GRPOLossOutput, normalized_by_token_count
 from .checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
@@ -62,9 +62,6 @@ from .model import HeadSpec, completion_hidden, lm_head
 from .rewards import RewardFn, combine, compute_rewards, reward_name
 
 Row = dict[str, Any]
-# Loss types whose normalizer is the token count of the whole accumulated batch (TRL passes
-# num_items_in_batch to them); the others are means per micro-batch, averaged over micro-batches.
-TOKEN_NORMALIZED = ("dapo", "cispo", "vespo")
 
 
 @dataclass
@@ -283,7 +280,7 @@ class GRPOTrainer:
         old_logp = self.logprobs(self.model, batch) if cfg.num_iterations > 1 else None
         ref_logp = None if self.ref_model is None else self.logprobs(self.ref_model, batch)
         ids, mask = batch.completion_ids, batch.completion_mask
-        token_normalized = cfg.loss_type in TOKEN_NORMALIZED
+        token_normalized = normalized_by_token_count(cfg.loss_type)
         n_items = mask.sum() if token_normalized else None
         # Mean-per-micro-batch losses are averaged over micro-batches; token-normalized ones already
         # divide by the whole batch's token count, so their micro-batch losses simply add up.
