@@ -7,7 +7,10 @@ call without reading our source.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -52,8 +55,70 @@ def check_finite(fn: str, name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{fn}: {name} must be finite; got {bad} NaN/inf value(s)")
 
 
+def is_real_number(value: object) -> bool:
+    """A finite real scalar: Python int / float or a numpy scalar; not bool, not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and math.isfinite(value)
+
+
 def check_positive(fn: str, name: str, value: float | None, *, allow_none: bool = False) -> None:
+    """A finite number > 0 (inf is refused: a softcap or temperature of inf turns the logits into NaN)."""
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{fn}: {name} must be a number > 0; got {value!r}")
+    if not is_real_number(value) or not value > 0:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
+
+
+def check_lm_head(fn: str, weight: torch.Tensor) -> None:
+    """weight [V, D] with V >= 1 and D >= 1 (D = 0 used to crash the C++ kernels; V = 0 has no softmax)."""
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"{fn}: weight must be [V, D] with V >= 1 and D >= 1; got shape {tuple(weight.shape)}")
+
+
+def check_not_meta(fn: str, **tensors: Optional[torch.Tensor]) -> None:
+    """Meta tensors hold no values, and every public function validates values (ids, finiteness)."""
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            raise ValueError(f"{fn}: {name} must be a tensor with data (on cpu or cuda); got a tensor on meta")
+
+
+def check_finite_where(fn: str, name: str, x: torch.Tensor, keep: torch.Tensor) -> None:
+    """x (broadcast against keep) must be finite where keep is True: masked tokens are never read."""
+    bad = keep & ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{fn}: {name} must be finite at every token the mask keeps (mask != 0); "
+                         f"got {int(bad.sum())} NaN/inf value(s), the first {x[tuple(first)].item()} at {first}")
+
+
+def check_no_inf(fn: str, name: str, x: torch.Tensor, nan_means: str) -> None:
+    """x may hold NaN (which means ``nan_means``) but no +-inf."""
+    bad = torch.isinf(x)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: {name} must be finite or NaN (NaN: {nan_means}); got {int(bad.sum())} +-inf value(s)")
+
+
+def check_kept_ids(fn: str, name: str, ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
+    """Token ids at kept tokens must be real tokens: ignore_index (-100) there has no meaning in a loss."""
+    bad = (mask != 0) & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{fn}: {name} must be in [0, V) = [0, {vocab}) at every token the mask keeps "
+                         f"(mask != 0; ignore_index is allowed only where mask == 0); got {int(ids[tuple(first)])} at {first}")
+
+
+def check_num_items(fn: str, value: Union[int, float, torch.Tensor, None]) -> None:
+    """num_items_in_batch: None, or a finite token count >= 1 (a number or a one-element tensor)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.is_meta or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{fn}: num_items_in_batch must be a number or a one-element real tensor with data; "
+                             f"got a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)} "
+                             f"on {value.device}")
+        n = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        n = value
+    else:
+        raise TypeError(f"{fn}: num_items_in_batch must be a number or a one-element tensor; got {type(value).__name__}")
+    if not (math.isfinite(n) and n >= 1):
+        raise ValueError(f"{fn}: num_items_in_batch must be a finite token count >= 1; got {n!r}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._checks import check_tensor
+from ._checks import check_kept_ids, check_tensor
 from .backends import LogprobsParams
 from .config import GRPOConfig
 from .logprobs import scatter_rows, validate_linear_inputs
@@ -242,6 +242,7 @@ def fused_linear_grpo_loss(
     validate_linear_inputs(fn, hidden, weight, completion_ids, bias, config.temperature, config.logit_softcap, -100, backend)
     validate_loss_inputs(fn, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
                          is_ratio, num_items_in_batch)
+    check_kept_ids(fn, "completion_ids", completion_ids, mask, weight.shape[0])
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     backends.record(fn, name)
     params = LogprobsParams(config.temperature, config.logit_softcap, -100, True, name)

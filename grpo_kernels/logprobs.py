@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_integer, check_positive, check_same_device, check_tensor
+from ._checks import check_float, check_integer, check_lm_head, check_not_meta, check_positive, check_same_device, check_tensor
 from .backends import LogprobsParams
 
 
@@ -82,8 +82,7 @@ def validate_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Ten
     check_float(fn, "hidden", hidden)
     check_float(fn, "weight", weight)
     check_integer(fn, tname, targets)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be [V, D]; got shape {tuple(weight.shape)}")
+    check_lm_head(fn, weight)
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{fn}: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}; got shape {tuple(hidden.shape)}")
     if hidden.dtype != weight.dtype:
@@ -97,6 +96,7 @@ def validate_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Ten
         if bias.dtype != weight.dtype:
             raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
     check_same_device(fn, hidden=hidden, weight=weight, **{tname: targets}, bias=bias)
+    check_not_meta(fn, hidden=hidden, weight=weight, **{tname: targets}, bias=bias)
     check_positive(fn, "temperature", temperature)
     check_positive(fn, "softcap", softcap, allow_none=True)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):

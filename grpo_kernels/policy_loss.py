@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_float, check_same_device, check_shape, check_tensor
+from ._checks import (check_finite, check_finite_where, check_float, check_not_meta, check_num_items, check_same_device,
+                      check_shape, check_tensor)
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
 METRIC_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
@@ -254,6 +255,7 @@ def validate_loss_inputs(
     check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if advantages.device != device:
         raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
+    check_not_meta(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
         raise ValueError(f"{fn}: mask must be finite (0/1 or non-negative weights)")
     if mask.dtype != torch.bool and bool((mask < 0).any()):
@@ -267,6 +269,7 @@ def validate_loss_inputs(
         if x is not None:
             check_float(fn, name, x)
             check_shape(fn, name, x, (B, T), "the completion tokens")
+            check_finite_where(fn, name, x, mask != 0)
     if config.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{fn}: ref_logp is required when config.beta != 0 (beta={config.beta}); pass the reference model's log-probs or set beta=0")
     if is_ratio is not None:
@@ -277,10 +280,7 @@ def validate_loss_inputs(
         check_finite(fn, "is_ratio", live_is)
         if bool((live_is < 0).any()):
             raise ValueError(f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
-    if num_items_in_batch is not None:
-        n = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
-        if not n > 0:
-            raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
+    check_num_items(fn, num_items_in_batch)
 
 
 def build_context(
@@ -360,10 +360,13 @@ def grpo_loss(
     check_float(fn, "logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"{fn}: logp must be [B, T]; got shape {tuple(logp.shape)}")
+    check_not_meta(fn, logp=logp)
     validate_loss_inputs(fn, tuple(logp.shape), logp.device, advantages, mask, config, old_logp, ref_logp, is_ratio, num_items_in_batch)
+    check_finite_where(fn, "logp", logp.detach(), mask != 0)
     if entropy is not None:
         check_float(fn, "entropy", entropy)
         check_shape(fn, "entropy", entropy, logp.shape, "logp")
+        check_finite_where(fn, "entropy", entropy.detach(), mask != 0)
     elif config.needs_entropy:
         raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
     return _grpo_loss(logp, advantages, mask, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
