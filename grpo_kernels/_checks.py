@@ -74,6 +74,21 @@ def check_lm_head(fn: str, weight: torch.Tensor) -> None:
         raise ValueError(f"{fn}: weight must be [V, D] with V >= 1 and D >= 1; got shape {tuple(weight.shape)}")
 
 
+def check_backend_dtype(fn: str, backend: str, dtype: torch.dtype) -> None:
+    """The C++ and Triton kernels stop at fp32; float64 (gradcheck, oracles) runs on backend='torch'."""
+    if backend in ("cpu", "triton") and dtype == torch.float64:
+        raise TypeError(f"{fn}: hidden and weight must be float32, bfloat16 or float16 for backend={backend!r}; got float64 "
+                        "(use backend='torch' for float64, e.g. for gradcheck; backend='auto' picks it)")
+
+
+def check_finite_bias(fn: str, bias: Optional[torch.Tensor]) -> None:
+    """A -inf bias entry ("never sample this token") would make the entropy 0 * inf = NaN: refused."""
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        bad = int((~torch.isfinite(bias)).sum())
+        raise ValueError(f"{fn}: bias must be finite (a -inf entry to ban a token is not supported: its entropy term "
+                         f"would be NaN); got {bad} NaN/inf value(s)")
+
+
 def check_not_meta(fn: str, **tensors: Optional[torch.Tensor]) -> None:
     """Meta tensors hold no values, and every public function validates values (ids, finiteness)."""
     for name, x in tensors.items():

@@ -40,6 +40,9 @@ def _is_number(x: object) -> bool:
 class GRPOConfig:
     """Options of the GRPO loss (TRL-compatible names).
 
+    Numbers must be finite; numpy scalars (e.g. ``np.float32(0.04)``) are accepted and stored as
+    Python floats / ints, so the config never carries numpy types into tensor arithmetic.
+
     Attributes:
         loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo. Chooses the per-token
             surrogate and the reduction (see DESIGN.md, "The math").

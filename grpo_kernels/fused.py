@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._checks import check_kept_ids, check_tensor
+from ._checks import check_backend_dtype, check_kept_ids, check_tensor
 from .backends import LogprobsParams
 from .config import GRPOConfig
 from .logprobs import scatter_rows, validate_linear_inputs
@@ -218,7 +218,10 @@ def fused_linear_grpo_loss(
     Args:
         hidden: [B, T, D] final hidden states at the positions that predict completion_ids.
         weight: [V, D] LM-head weight (tied embeddings: pass the embedding matrix).
-        completion_ids: [B, T] int64 sampled token ids.
+        completion_ids: [B, T] int64 sampled token ids, in [0, V) at every token the mask keeps;
+            where mask == 0 they are never read and may be -100 (ignore_index) as well. -100 at a
+            kept token is refused by name on every backend: "ignore" and "keep" contradict each
+            other, so the mask alone says which tokens count.
         mask: [B, T] completion mask (0 = padding; those tokens cost no vocabulary work).
         advantages: [B] or [B, T].
         config: the loss options.
@@ -226,8 +229,12 @@ def fused_linear_grpo_loss(
             reference model (needed when beta != 0). No gradient flows into them.
         bias: optional [V] LM-head bias.
         is_ratio: sampler importance-sampling correction, [B, T], [B] or [B, 1].
-        num_items_in_batch: token count of the whole accumulated batch over ranks (dapo/cispo/vespo).
+        num_items_in_batch: token count of the whole accumulated batch over ranks (dapo/cispo/vespo):
+            a finite number >= 1 or a one-element tensor.
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
+
+    The per-token inputs follow :func:`grpo_kernels.grpo_loss`'s finiteness rule (finite wherever
+    mask != 0, anything where mask == 0).
 
     Returns:
         GRPOLossOutput: ``loss`` (scalar, differentiable w.r.t. hidden, weight, bias) and ``metrics``
@@ -244,6 +251,7 @@ def fused_linear_grpo_loss(
                          is_ratio, num_items_in_batch)
     check_kept_ids(fn, "completion_ids", completion_ids, mask, weight.shape[0])
     name = backends.resolve(backend, hidden.device, hidden.dtype)
+    check_backend_dtype(fn, name, hidden.dtype)
     backends.record(fn, name)
     params = LogprobsParams(config.temperature, config.logit_softcap, -100, True, name)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_integer, check_lm_head, check_not_meta, check_positive, check_same_device, check_tensor
+from ._checks import (check_backend_dtype, check_finite_bias, check_float, check_integer, check_lm_head, check_not_meta,
+                      check_positive, check_same_device, check_tensor)
 from .backends import LogprobsParams
 
 
@@ -97,6 +98,7 @@ def validate_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Ten
             raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
     check_same_device(fn, hidden=hidden, weight=weight, **{tname: targets}, bias=bias)
     check_not_meta(fn, hidden=hidden, weight=weight, **{tname: targets}, bias=bias)
+    check_finite_bias(fn, bias)
     check_positive(fn, "temperature", temperature)
     check_positive(fn, "softcap", softcap, allow_none=True)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -132,9 +134,11 @@ def linear_logprobs(
         hidden: [..., D] float32 / bfloat16 / float16 hidden states.
         weight: [V, D] LM-head weight, same dtype as hidden.
         targets: [...] int64 token ids in [0, V), or ignore_index.
-        bias: optional [V] LM-head bias.
-        temperature: logits are divided by it (> 0).
-        softcap: optional final-logit soft-capping ``softcap * tanh(z / softcap)`` after the temperature.
+        bias: optional [V] LM-head bias, finite (a -inf entry to ban a token is refused: its entropy
+            term would be NaN).
+        temperature: logits are divided by it (a finite number > 0; numpy scalars are fine).
+        softcap: optional final-logit soft-capping ``softcap * tanh(z / softcap)`` after the temperature
+            (a finite number > 0).
         ignore_index: targets equal to it get log-prob 0 (and entropy 0) and no gradient.
         return_entropy: also return the entropy of each token's distribution (differentiable).
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch";
@@ -142,12 +146,19 @@ def linear_logprobs(
 
     Returns:
         logp [...] float32, and entropy [...] float32 when return_entropy.
+
+    Bad input is refused by name before any kernel runs (shapes, dtypes, devices, meta tensors,
+    V = 0 or D = 0, ids outside [0, V) other than ignore_index, non-finite options). hidden and
+    weight are not scanned for NaN / inf: a non-finite value gives NaN exactly where the
+    materializing oracle has NaN (the tokens, or with a NaN weight row every token). The logits
+    ``hidden @ weight.T / temperature`` must fit in float32 (|z| < 3.4e38), as for any fp32 softmax.
     """
     fn = "linear_logprobs"
     validate_linear_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")
     name = backends.resolve(backend, hidden.device, hidden.dtype)
+    check_backend_dtype(fn, name, hidden.dtype)
     backends.record(fn, name)
     params = LogprobsParams(float(temperature), None if softcap is None else float(softcap), ignore_index, return_entropy, name)
     lead = hidden.shape[:-1]

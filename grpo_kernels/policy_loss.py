@@ -351,6 +351,13 @@ def grpo_loss(
         entropy: [B, T] per-token entropy; required when config.entropy_coef != 0 or
             config.top_entropy_quantile < 1, reported as the ``entropy`` metric when given.
 
+    Finiteness (one rule for every per-token input: logp, entropy, old_logp, ref_logp, advantages,
+    is_ratio): each must be finite at every token the mask keeps (mask != 0), else a ValueError
+    names it; a NaN or -inf old_logp would otherwise turn the loss into NaN or silently drop the
+    token. Where mask == 0 (padding) nothing is read, so NaN / inf there changes nothing. A per-
+    sequence input ([B]) counts as kept when its row has a kept token. The mask itself must be
+    finite and >= 0 everywhere; num_items_in_batch a finite number >= 1.
+
     Returns:
         GRPOLossOutput with the scalar loss and metrics ``kl`` (when ref_logp is given),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` and ``entropy``

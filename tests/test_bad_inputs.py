@@ -95,6 +95,8 @@ LOGPROBS_REFUSED = {
     "hidden-weight-dtypes": (TypeError, "weight", lambda p: dict(weight=p["weight"].bfloat16())),
     "targets-float": (TypeError, "targets", lambda p: dict(targets=p["ids"].float())),
     "bias-dtype": (TypeError, "bias", lambda p: dict(bias=p["bias"].double())),
+    "bias-neginf": (ValueError, "bias", lambda p: dict(bias=_set(p["bias"], (3,), -INF))),
+    "bias-nan": (ValueError, "bias", lambda p: dict(bias=_set(p["bias"], (3,), NAN))),
     # devices
     "all-on-meta": (ValueError, "hidden", lambda p: dict(hidden=p["hidden"].to("meta"), weight=p["weight"].to("meta"),
                                                           targets=p["ids"].to("meta"))),
@@ -125,6 +127,19 @@ def test_linear_logprobs_refuses(backend, case):
     exc, arg, over = LOGPROBS_REFUSED[case]
     p = problem()
     refused(exc, "linear_logprobs", arg, _lp(p, backend, over(p)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_runs_on_torch_or_is_refused_by_name(backend):
+    """float64 has no C++ or Triton kernels: those backends say so by name, the torch backend computes it."""
+    p = {k: v.double() if v.is_floating_point() else v for k, v in problem().items()}
+    h, w, t, b = p["hidden"], p["weight"], p["ids"], p["bias"]
+    if backend == "torch":
+        for o, g in zip(_lp_grads(h, w, t, b, backend), _lp_grads(h, w, t, b, None)):
+            assert_close_to_oracle("float64", o, g, floor=1e-12)
+        return
+    refused(TypeError, "linear_logprobs", "hidden", lambda: gk.linear_logprobs(h, w, t, backend=backend))
+    refused(TypeError, "fused_linear_grpo_loss", "hidden", _fused(p, backend, "function"))
 
 
 def _lp_grads(h, w, t, b, backend=None, **kw):
@@ -174,12 +189,15 @@ def _values(kind: str):
             kw.update(softcap=1e-3)
         elif kind == "numpy-options":
             kw.update(temperature=np.float32(0.7), softcap=np.float64(3.0))
+        elif kind in ("bf16", "fp16"):
+            dt = torch.bfloat16 if kind == "bf16" else torch.float16
+            h, w, b = h.to(dt), w.to(dt), b.to(dt)
         return (h, w, t, b), kw
     return make
 
 
 LOGPROBS_VALUES = ["nan-hidden-token", "nan-weight-row", "all-ignored", "some-ignored", "N-zero", "T-zero", "T-one",
-                   "huge-logits", "tiny-temperature", "huge-temperature", "tiny-softcap", "numpy-options"]
+                   "huge-logits", "tiny-temperature", "huge-temperature", "tiny-softcap", "numpy-options", "bf16", "fp16"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,6 +305,7 @@ FUSED_REFUSED = {
         hidden=p["hidden"], weight=p["weight"], completion_ids=p["ids"], mask=p["mask"], advantages=p["adv"],
         old_logp=p["old"], ref_logp=p["ref"]).items()}),
     "config-type": (TypeError, "config", lambda p: dict(config=dict(beta=0.0))),
+    "bias-neginf": (ValueError, "bias", lambda p: dict(bias=_set(p["bias"], (3,), -INF))),
 }
 
 
