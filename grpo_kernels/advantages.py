@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_no_inf, check_not_meta, check_tensor
+from ._checks import check_float, check_no_inf, check_not_meta, check_tensor, is_real_number
 
 FN = "group_advantages"
 SCALES = ("group", "batch", "none")
@@ -165,7 +165,7 @@ def _validate(rewards: Tensor, group_size: Optional[int], group_ids: Optional[Te
         raise ValueError(f"{FN}: scale must be one of {', '.join(SCALES)}; got {scale!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"{FN}: estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+    if not is_real_number(eps) or eps < 0:  # numpy scalars are numbers too
         raise ValueError(f"{FN}: eps must be a finite number >= 0; got {eps!r}")
     if backend not in backends.BACKENDS:
         raise ValueError(f"{FN}: backend must be one of {', '.join(backends.BACKENDS)}; got {backend!r}")

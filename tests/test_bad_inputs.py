@@ -446,25 +446,63 @@ def test_grpo_loss_refuses(case):
 
 
 GRPO_PADDING = {
-    "nan-everywhere-in-padding": dict(logp=NAN, entropy=NAN, old_logp=NAN, ref_logp=-INF),
-    "inf-in-padding": dict(logp=INF, old_logp=-INF, ref_logp=INF),
+    "nan-everywhere-in-padding": dict(logp=NAN, entropy=NAN, old_logp=NAN, ref_logp=-INF, advantages=NAN, is_ratio=NAN),
+    "inf-in-padding": dict(logp=INF, entropy=-INF, old_logp=-INF, ref_logp=INF, advantages=-INF, is_ratio=INF),
+}
+
+LOSS_CONFIGS = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=T),
+    "dapo": dict(loss_type="dapo"),
+    "cispo": dict(loss_type="cispo", epsilon_high=3.0),
+    "sapo": dict(loss_type="sapo"),
+    "luspo": dict(loss_type="luspo"),
+    "vespo": dict(loss_type="vespo"),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "top-entropy-bonus": dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.1, use_bias_correction_kl=True),
 }
 
 
+@pytest.mark.parametrize("loss", LOSS_CONFIGS, ids=str)
 @pytest.mark.parametrize("case", GRPO_PADDING, ids=str)
-def test_grpo_loss_never_reads_padding(case):
-    """Non-finite values at masked tokens give exactly the loss and gradient of zeros there."""
+def test_grpo_loss_never_reads_padding(case, loss):
+    """Non-finite values at padding give exactly the loss, gradient and metrics of zeros there.
+
+    Padding is a whole masked row (1), so per-sequence advantages and is_ratio [B] can be dirty too.
+    """
     p = _loss_inputs(problem())
-    dirty = {k: _set(v, PAD, GRPO_PADDING[case].get(k, 0.0)) if k in GRPO_PADDING[case] else v for k, v in p.items()}
-    clean = {k: _set(v, PAD, 0.0) if k in GRPO_PADDING[case] else v for k, v in p.items()}
+    p["mask"] = _set(p["mask"], (1,), 0.0)
+    p["advantages"], p["is_ratio"] = torch.randn(B, T), torch.rand(B, T) + 0.5
+    pad = (1,)
+    dirty = {k: _set(v, pad, GRPO_PADDING[case][k]) if k in GRPO_PADDING[case] else v for k, v in p.items()}
+    clean = {k: _set(v, pad, 0.0) if k in GRPO_PADDING[case] else v for k, v in p.items()}
+    cfg = gk.GRPOConfig(beta=0.04, **LOSS_CONFIGS[loss])
     results = []
     for inputs in (dirty, clean):
         logp = inputs["logp"].clone().requires_grad_()
-        out = _grpo({**inputs, "logp": logp})
+        out = _grpo({**inputs, "logp": logp}, cfg)
         results.append((out.loss, torch.autograd.grad(out.loss, logp)[0], out.metrics))
+    assert torch.isfinite(results[1][0])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     for k in results[1][2]:
         assert torch.equal(results[0][2][k], results[1][2][k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSS_CONFIGS, ids=str)
+def test_fused_loss_never_reads_padding(backend, loss):
+    """NaN / -inf / -100 at padding, for every loss type and both schedules (one and two passes)."""
+    p = problem()
+    cfg = gk.GRPOConfig(beta=0.04, **LOSS_CONFIGS[loss])
+    clean = dict(advantages=torch.randn(B, T), is_ratio=torch.rand(B, T) + 0.5, config=cfg)
+    dirty = dict(clean, completion_ids=_set(p["ids"], PAD, -100), old_logp=_set(p["old"], PAD, NAN),
+                 ref_logp=_set(p["ref"], PAD, -INF), advantages=_set(clean["advantages"], PAD, NAN),
+                 is_ratio=_set(clean["is_ratio"], PAD, INF))
+    ours = _fused_grads(p, backend, **dirty)
+    gold, same = _fused_grads(p, None, **clean), _fused_grads(p, "same-dtype", **clean)
+    for name, o, g, s in zip(["loss", "dhidden", "dweight", "dbias"], ours, gold, same):
+        agrees(f"{loss}/{name}", o, g, s)
 
 
 @pytest.mark.parametrize("kind", ["logp-transposed", "adv-strided", "old-expanded", "mask-expanded-bool"])
@@ -553,6 +591,14 @@ def test_group_advantages_refuses(backend, case):
     kw = dict(rewards=torch.randn(4), group_size=2)
     kw.update(over())
     refused(exc, "group_advantages", arg, lambda: gk.group_advantages(kw.pop("rewards"), backend=backend, **kw))
+
+
+@pytest.mark.parametrize("backend", ADV_BACKENDS)
+def test_group_advantages_takes_numpy_scalars(backend):
+    """np.float32 eps and np.int64 group_size (read from a config array) are numbers like any other."""
+    r = torch.randn(8)
+    got = gk.group_advantages(r, np.int64(4), eps=np.float32(1e-3), backend=backend)
+    assert torch.equal(got, gk.group_advantages(r, 4, eps=float(np.float32(1e-3)), backend=backend))
 
 
 @pytest.mark.parametrize("backend", ADV_BACKENDS)
