@@ -68,6 +68,20 @@ def check_positive(fn: str, name: str, value: float | None, *, allow_none: bool 
         raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
 
 
+def check_index(fn: str, name: str, value: object) -> None:
+    """An int64-range integer (numpy integers too): the token-id sentinel compared against the ids."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__}")
+    if not -2**63 <= int(value) < 2**63:
+        raise ValueError(f"{fn}: {name} must fit in int64; got {value}")
+
+
+def check_real_mask(fn: str, mask: torch.Tensor) -> None:
+    """mask: bool, integer or real floating (complex has no order, so no "mask != 0 and >= 0" rule)."""
+    if mask.is_complex():
+        raise TypeError(f"{fn}: mask must be a bool, integer or real floating tensor; got {str(mask.dtype).replace('torch.', '')}")
+
+
 def check_lm_head(fn: str, weight: torch.Tensor) -> None:
     """weight [V, D] with V >= 1 and D >= 1 (D = 0 used to crash the C++ kernels; V = 0 has no softmax)."""
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import (check_backend_dtype, check_finite_bias, check_float, check_integer, check_lm_head, check_not_meta,
-                      check_positive, check_same_device, check_tensor)
+from ._checks import (check_backend_dtype, check_finite_bias, check_float, check_index, check_integer, check_lm_head,
+                      check_not_meta, check_positive, check_same_device, check_tensor)
 from .backends import LogprobsParams
 
 
@@ -101,8 +101,7 @@ def validate_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Ten
     check_finite_bias(fn, bias)
     check_positive(fn, "temperature", temperature)
     check_positive(fn, "softcap", softcap, allow_none=True)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"{fn}: ignore_index must be an int; got {type(ignore_index).__name__}")
+    check_index(fn, "ignore_index", ignore_index)
     if targets.numel():
         v = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
@@ -160,7 +159,8 @@ def linear_logprobs(
     name = backends.resolve(backend, hidden.device, hidden.dtype)
     check_backend_dtype(fn, name, hidden.dtype)
     backends.record(fn, name)
-    params = LogprobsParams(float(temperature), None if softcap is None else float(softcap), ignore_index, return_entropy, name)
+    params = LogprobsParams(float(temperature), None if softcap is None else float(softcap), int(ignore_index), return_entropy,
+                            name)
     lead = hidden.shape[:-1]
     out = LinearLogprobsFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).long(), params

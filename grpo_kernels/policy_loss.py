@@ -20,8 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import (check_finite, check_finite_where, check_float, check_not_meta, check_num_items, check_same_device,
-                      check_shape, check_tensor)
+from ._checks import (check_finite, check_finite_where, check_float, check_not_meta, check_num_items, check_real_mask,
+                      check_same_device, check_shape, check_tensor)
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
 METRIC_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
@@ -251,6 +251,7 @@ def validate_loss_inputs(
     B, T = logp_shape
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, (B, T), "the completion tokens")
+    check_real_mask(fn, mask)
     check_float(fn, "advantages", advantages)
     check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if advantages.device != device:

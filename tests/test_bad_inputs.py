@@ -116,6 +116,7 @@ LOGPROBS_REFUSED = {
     "temperature-negative": (ValueError, "temperature", lambda p: dict(temperature=-1.0)),
     "temperature-bool": (ValueError, "temperature", lambda p: dict(temperature=True)),
     "ignore-index-float": (TypeError, "ignore_index", lambda p: dict(ignore_index=-100.0)),
+    "ignore-index-beyond-int64": (ValueError, "ignore_index", lambda p: dict(ignore_index=2**70)),
     "return-entropy-int": (TypeError, "return_entropy", lambda p: dict(return_entropy=1)),
     "backend-unknown": (ValueError, "backend", lambda p: dict(backend="gpu")),
 }
@@ -191,7 +192,8 @@ def _values(kind: str):
         elif kind == "tiny-softcap":
             kw.update(softcap=1e-3)
         elif kind == "numpy-options":
-            kw.update(temperature=np.float32(0.7), softcap=np.float64(3.0))
+            t[0, 0] = 5
+            kw.update(temperature=np.float32(0.7), softcap=np.float64(3.0), ignore_index=np.int64(5))
         elif kind in ("bf16", "fp16"):
             dt = torch.bfloat16 if kind == "bf16" else torch.float16
             h, w, b = h.to(dt), w.to(dt), b.to(dt)
@@ -300,6 +302,7 @@ FUSED_REFUSED = {
     "mask-shape": (ValueError, "mask", lambda p: dict(mask=p["mask"][:, :2])),
     "mask-nan": (ValueError, "mask", lambda p: dict(mask=_set(p["mask"], KEPT, NAN))),
     "mask-negative": (ValueError, "mask", lambda p: dict(mask=_set(p["mask"], KEPT, -1.0))),
+    "mask-complex": (TypeError, "mask", lambda p: dict(mask=p["mask"].to(torch.complex64))),
     "adv-shape": (ValueError, "advantages", lambda p: dict(advantages=p["adv"][:1])),
     "old-shape": (ValueError, "old_logp", lambda p: dict(old_logp=p["old"][:, :2])),
     "old-int": (TypeError, "old_logp", lambda p: dict(old_logp=p["old"].long())),
