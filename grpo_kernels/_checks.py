@@ -126,6 +126,15 @@ def check_no_inf(fn: str, name: str, x: torch.Tensor, nan_means: str) -> None:
         raise ValueError(f"{fn}: {name} must be finite or NaN (NaN: {nan_means}); got {int(bad.sum())} +-inf value(s)")
 
 
+def check_weighted_sums(fn: str, rewards: torch.Tensor, weights: torch.Tensor) -> None:
+    """sum_k |w_k r_k| (NaN entries left out) must be finite in float64, or the combined reward overflows."""
+    total = torch.where(rewards.isnan(), 0.0, rewards.to(torch.float64).abs() * weights.to(torch.float64).abs()).sum(-1)
+    if bool(torch.isinf(total).any()):
+        first = int(torch.isinf(total).nonzero()[0, 0])
+        raise ValueError(f"{fn}: rewards weighted by reward_weights must sum to a finite float64 per sample; "
+                         f"got an overflow at sample {first}")
+
+
 def check_kept_ids(fn: str, name: str, ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None:
     """Token ids at kept tokens must be real tokens: ignore_index (-100) there has no meaning in a loss."""
     bad = (mask != 0) & ((ids < 0) | (ids >= vocab))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_no_inf, check_not_meta, check_tensor, is_real_number
+from ._checks import check_float, check_no_inf, check_not_meta, check_tensor, check_weighted_sums, is_real_number
 
 FN = "group_advantages"
 SCALES = ("group", "batch", "none")
@@ -234,6 +234,7 @@ def group_advantages(
     # the weights, like the statistics, are float64 whatever the rewards' dtype (see torch_group_advantages)
     weights = (torch.ones(r.shape[1], dtype=torch.float64, device=r.device) if reward_weights is None
                else _reward_weights(reward_weights, r.shape[1], rewards, torch.float64))
+    check_weighted_sums(FN, r, weights)
     backends.record(FN, name)
     if name == "triton":
         impl = importlib.import_module("grpo_kernels.backends.triton.advantages").group_advantages

@@ -585,6 +585,10 @@ ADV_REFUSED = {
     "group-size-not-dividing": (ValueError, "group_size", lambda: dict(group_size=3)),
     "group-ids-float": (TypeError, "group_ids", lambda: dict(group_size=None, group_ids=torch.zeros(4))),
     "weights-inf": (ValueError, "reward_weights", lambda: dict(rewards=torch.zeros(4, 2), reward_weights=[1.0, INF])),
+    "weighted-sum-overflows-f64": (ValueError, "reward_weights", lambda: dict(
+        rewards=torch.tensor([[1.7e308, 1.7e308], [0.0, 1.0]] * 2, dtype=F64))),
+    "weights-overflow-f64": (ValueError, "reward_weights", lambda: dict(rewards=torch.ones(4, 2) * 3e38,
+                                                                        reward_weights=[1.0, 1e300])),
     "eps-nan": (ValueError, "eps", lambda: dict(eps=NAN)),
     "scale-unknown": (ValueError, "scale", lambda: dict(scale="std")),
 }
