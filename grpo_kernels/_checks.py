@@ -18,8 +18,10 @@ group_advantages' are in ``advantages``. The backend name, device and dtype are 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -63,11 +65,38 @@ def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
         raise ValueError(f"{fn}: all tensors must be on one device; got {listing}")
 
 
+def is_real_number(value: object) -> bool:
+    """A finite real scalar: Python int / float or a numpy scalar; not bool, not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and math.isfinite(value)
+
+
 def check_positive(fn: str, name: str, value: object, *, allow_none: bool = False) -> None:
+    """A finite number > 0 (inf is refused: a softcap or temperature of inf turns the logits into NaN)."""
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{fn}: {name} must be a number > 0; got {value!r}")
+    if not is_real_number(value) or not value > 0:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
+
+
+def check_index(fn: str, name: str, value: object) -> None:
+    """An int64-range integer (numpy integers too): the token-id sentinel compared against the ids."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__}")
+    if not -2**63 <= int(value) < 2**63:
+        raise ValueError(f"{fn}: {name} must fit in int64; got {value}")
+
+
+def check_real_mask(fn: str, mask: Tensor) -> None:
+    """mask: bool, integer or real floating (complex has no order, so no "mask != 0 and >= 0" rule)."""
+    if mask.is_complex():
+        raise TypeError(f"{fn}: mask must be a bool, integer or real floating tensor; got {dtype_name(mask.dtype)}")
+
+
+def check_not_meta(fn: str, **tensors: Optional[Tensor]) -> None:
+    """Meta tensors hold no values, and every public function validates values (ids, finiteness)."""
+    for name, x in tensors.items():
+        if isinstance(x, Tensor) and x.is_meta:
+            raise ValueError(f"{fn}: {name} must be a tensor with data (on cpu or cuda); got a tensor on meta")
 
 
 def check_config(fn: str, config: object) -> None:
@@ -95,6 +124,17 @@ class DataChecks:
         self.require(torch.isfinite(x).all(),
                      lambda: f"{self.fn}: {name} must be finite; got {int((~torch.isfinite(x)).sum())} NaN/inf value(s)")
 
+    def finite_where(self, name: str, x: Tensor, keep: Tensor) -> None:
+        """x (broadcast against keep) must be finite where keep is True: masked tokens are never read."""
+        bad = keep & ~torch.isfinite(x)
+
+        def message() -> str:
+            first = [int(i) for i in bad.nonzero()[0]]
+            return (f"{self.fn}: {name} must be finite at every token the mask keeps (mask != 0); "
+                    f"got {int(bad.sum())} NaN/inf value(s), the first {x.expand_as(bad)[tuple(first)].item()} at {first}")
+
+        self.require(~bad.any(), message)
+
     def run(self) -> None:
         if not self._items:
             return
@@ -106,15 +146,16 @@ class DataChecks:
 
 def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name: str, bias: Optional[Tensor],
                   temperature: object, softcap: object, ignore_index: Optional[int], checks: DataChecks) -> None:
-    """hidden [..., D], weight [V, D], ids [...] (named ``ids_name``), bias [V], the logit options.
+    """hidden [..., D], weight [V, D] (V, D >= 1), ids [...] (named ``ids_name``), bias [V], the logit options.
 
-    ``ignore_index`` None: every id must be in [0, V). The id range check joins ``checks``.
+    ``ignore_index`` None: every id must be in [0, V). The id range and bias finiteness checks join
+    ``checks``. D = 0 used to crash the C++ kernels; V = 0 has no softmax.
     """
     check_float(fn, "hidden", hidden)
     check_float(fn, "weight", weight)
     check_integer(fn, ids_name, ids)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be [V, D]; got shape {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"{fn}: weight must be [V, D] with V >= 1 and D >= 1; got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{fn}: hidden must be [..., D] with D = weight.shape[1] = {weight.shape[1]}; got shape {tuple(hidden.shape)}")
     if hidden.dtype != weight.dtype:
@@ -128,10 +169,16 @@ def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name
         if bias.dtype != weight.dtype:
             raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
     check_same_device(fn, hidden=hidden, weight=weight, **{ids_name: ids}, bias=bias)
+    check_not_meta(fn, hidden=hidden, weight=weight, **{ids_name: ids}, bias=bias)
     check_positive(fn, "temperature", temperature)
     check_positive(fn, "softcap", softcap, allow_none=True)
-    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
-        raise TypeError(f"{fn}: ignore_index must be an int; got {type(ignore_index).__name__}")
+    if ignore_index is not None:
+        check_index(fn, "ignore_index", ignore_index)
+    if bias is not None:
+        # a -inf entry ("never sample this token") would make the entropy 0 * inf = NaN
+        checks.require(torch.isfinite(bias).all(),
+                       lambda: f"{fn}: bias must be finite (a -inf entry to ban a token is not supported: its entropy "
+                               f"term would be NaN); got {int((~torch.isfinite(bias)).sum())} NaN/inf value(s)")
     if ids.numel():
         v = weight.shape[0]
         out = (ids < 0) | (ids >= v)
@@ -139,3 +186,49 @@ def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name
         allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
         checks.require(~bad.any(), lambda: f"{fn}: {ids_name} must be in [0, V) = [0, {v}){allowed}; "
                                            f"got {int(ids[bad].reshape(-1)[0])}")
+
+
+def check_kept_ids(fn: str, name: str, ids: Tensor, mask: Tensor, vocab: int, checks: DataChecks) -> None:
+    """Token ids at kept tokens must be real tokens: ignore_index (-100) there has no meaning in a loss."""
+    bad = (mask != 0) & ((ids < 0) | (ids >= vocab))
+
+    def message() -> str:
+        first = [int(i) for i in bad.nonzero()[0]]
+        return (f"{fn}: {name} must be in [0, V) = [0, {vocab}) at every token the mask keeps "
+                f"(mask != 0; ignore_index is allowed only where mask == 0); got {int(ids[tuple(first)])} at {first}")
+
+    checks.require(~bad.any(), message)
+
+
+def check_num_items(fn: str, value: Union[int, float, Tensor, None], checks: DataChecks) -> None:
+    """num_items_in_batch: None, or a finite token count >= 1 (a number or a one-element tensor)."""
+    if value is None:
+        return
+    if isinstance(value, Tensor):
+        if value.is_meta or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{fn}: num_items_in_batch must be a number or a one-element real tensor with data; "
+                             f"got a {dtype_name(value.dtype)} tensor of shape {tuple(value.shape)} on {value.device}")
+        n = value.detach().reshape(())
+        checks.require(torch.isfinite(n) & (n >= 1),
+                       lambda: f"{fn}: num_items_in_batch must be a finite token count >= 1; got {n.item()!r}")
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{fn}: num_items_in_batch must be a number or a one-element tensor; got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{fn}: num_items_in_batch must be a finite token count >= 1; got {value!r}")
+
+
+def check_no_inf(fn: str, name: str, x: Tensor, nan_means: str) -> None:
+    """x may hold NaN (which means ``nan_means``) but no +-inf."""
+    bad = torch.isinf(x)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: {name} must be finite or NaN (NaN: {nan_means}); got {int(bad.sum())} +-inf value(s)")
+
+
+def check_weighted_sums(fn: str, rewards: Tensor, weights: Tensor) -> None:
+    """sum_k |w_k r_k| (NaN entries left out) must be finite in float64, or the combined reward overflows."""
+    total = torch.where(rewards.isnan(), 0.0, rewards.to(torch.float64).abs() * weights.to(torch.float64).abs()).sum(-1)
+    if bool(torch.isinf(total).any()):
+        first = int(torch.isinf(total).nonzero()[0, 0])
+        raise ValueError(f"{fn}: rewards weighted by reward_weights must sum to a finite float64 per sample; "
+                         f"got an overflow at sample {first}")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_float, check_tensor, dtype_name
+from ._checks import check_float, check_no_inf, check_not_meta, check_tensor, check_weighted_sums, dtype_name, is_real_number
 
 FN = "group_advantages"
 SCALES = ("group", "batch", "none")
@@ -26,14 +26,22 @@ ESTIMATORS = ("grpo", "rloo")
 
 
 def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optional[int], group_ids: Optional[Tensor],
-                           scale: str, rloo: bool, eps: float) -> Tensor:
-    """Advantages [B] in weights.dtype from rewards [B, R] (NaN = unscored) and weights [R]; no loop over groups."""
+                           scale: str, rloo: bool, eps: float, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Advantages [B] in out_dtype (default weights.dtype) from rewards [B, R] (NaN = unscored) and weights [R].
+
+    No loop over groups.
+    The statistics run in float64 on rewards divided by their group's largest |R| (the batch's for
+    the batch std), so they can neither overflow nor cancel: fp32 rewards of 1e20 squared, or 3e38
+    summed, would overflow in fp32; a float64 reward near its own maximum would overflow the sum.
+    The result is scaled back exactly as the formula asks: ``(R - mean) / (std + eps)`` equals
+    ``(y - mean_y) / (std_y + eps / s)`` for ``y = R / s``.
+    """
     n_rows = rewards.shape[0]
-    dt, device = weights.dtype, rewards.device
+    out_dtype, dt, device = out_dtype or weights.dtype, torch.float64, rewards.device
     r = rewards.to(dt)
     unscored = r.isnan()
     valid = ~unscored.all(1)
-    x = torch.where(unscored, 0.0, r * weights).sum(1)
+    x = torch.where(unscored, 0.0, r * weights.to(dt)).sum(1)
     if group_ids is None:
         index = torch.arange(n_rows, device=device) // group_size
         n_groups = n_rows // group_size
@@ -44,9 +52,17 @@ def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optiona
     def per_group(values: Tensor) -> Tensor:
         return torch.zeros(n_groups, dtype=dt, device=device).index_add_(0, index, values)
 
+    def largest(values: Tensor) -> Tensor:
+        """max |x| per group over the scored samples; 1 where that is 0 (or nothing is scored)."""
+        s = torch.zeros(n_groups, dtype=dt, device=device)
+        s.scatter_reduce_(0, index, torch.where(valid, values.abs(), 0.0), "amax")
+        return torch.where(s > 0, s, 1.0)
+
     count = per_group(valid.to(dt))
-    mean = per_group(x) / count.clamp_min(1)  # x is 0 for missing samples
-    deviation = torch.where(valid, x - mean[index], 0.0)
+    s = largest(x)
+    y = x / s[index]
+    mean = per_group(torch.where(valid, y, 0.0)) / count.clamp_min(1)
+    deviation = torch.where(valid, y - mean[index], 0.0)  # of y = x / s: |deviation| <= 2
     # min == max detects a zero-variance group exactly; deviation need not be exactly 0 there,
     # since the mean of equal values is rounded
     lo = torch.full((n_groups,), math.inf, dtype=dt, device=device)
@@ -60,15 +76,21 @@ def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optiona
         # R_i - mean_{j != i} R_j = n / (n - 1) * (R_i - mean), without the cancellation of (S - R_i)
         centered = centered * (count / (count - 1).clamp_min(1))[index]
     if scale == "group":
-        denom = ((per_group(deviation * deviation) / (count - 1).clamp_min(1)).sqrt() + eps)[index]
+        std = (per_group(deviation * deviation) / (count - 1).clamp_min(1)).sqrt()
+        adv = centered / (std + eps / s)[index]
     elif scale == "batch":
         n_valid = valid.sum().to(dt)
-        batch_deviation = torch.where(valid, x - x.sum() / n_valid.clamp_min(1), 0.0)
-        denom = ((batch_deviation * batch_deviation).sum() / (n_valid - 1).clamp_min(1)).sqrt() + eps
+        sb = torch.where(valid, x.abs(), 0.0).max() if n_rows else torch.ones((), dtype=dt, device=device)
+        sb = torch.where(sb > 0, sb, 1.0)
+        yb = x / sb
+        batch_deviation = torch.where(valid, yb - torch.where(valid, yb, 0.0).sum() / n_valid.clamp_min(1), 0.0)
+        std_b = ((batch_deviation * batch_deviation).sum() / (n_valid - 1).clamp_min(1)).sqrt()
+        # (x - mean) / (std_x + eps) with x - mean = s * deviation and std_x = sb * std_b; s <= sb
+        adv = centered * (s / sb)[index] / (std_b + eps / sb)
     else:
-        denom = torch.ones((), dtype=dt, device=device)
+        adv = centered * s[index]
     # groups that output 0 may divide 0 by 0 (eps = 0); where() discards those lanes
-    return torch.where(valid & keep[index], centered / denom, 0.0)
+    return torch.where(valid & keep[index], adv, 0.0).to(out_dtype)
 
 
 def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int, rewards: Tensor, dt: torch.dtype) -> Tensor:
@@ -119,7 +141,7 @@ def _validate(rewards: Tensor, group_size: Optional[int], group_ids: Optional[Te
         raise ValueError(f"{FN}: scale must be one of {', '.join(SCALES)}; got {scale!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"{FN}: estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+    if not is_real_number(eps) or eps < 0:  # numpy scalars are numbers too
         raise ValueError(f"{FN}: eps must be a finite number >= 0; got {eps!r}")
 
 
@@ -146,12 +168,19 @@ def group_advantages(
     Dr. GRPO). A group with fewer than two scored members, or whose members all have the same
     reward, gets exactly 0.
 
+    The statistics are computed in float64 on the rewards divided by their group's largest |R|
+    (the batch's for the batch std), on every backend, so any finite rewards give the advantages
+    the formula defines: nothing overflows or cancels (fp32 statistics turned [1e20, -1e20, 1e20,
+    -1e20] into zeros and [3e38, 3e38, 0, 0] into NaN; the right answers are +-0.866 and +-0.866).
+    Only an advantage that itself exceeds the output dtype (possible with scale="none") is +-inf.
+
     A NaN reward entry means that reward function could not score the sample: it is left out of
     the weighted sum. A sample none of whose rewards is scored is missing: it is left out of its
     group's statistics (and the batch std) and gets advantage 0.
 
     Args:
-        rewards: [B] or [B, R] float rewards (R reward functions); NaN marks an unscored entry.
+        rewards: [B] or [B, R] float rewards (R reward functions); NaN marks an unscored entry;
+            +-inf is refused (it has no group mean).
         group_size: groups are consecutive runs of group_size samples (B % group_size == 0) ...
         group_ids: ... or the samples sharing a label of this [B] integer tensor (any values, any
             order, groups of any size). Exactly one of group_size and group_ids must be given.
@@ -168,17 +197,22 @@ def group_advantages(
         constants of the loss: computed without autograd, whatever rewards.requires_grad.
     """
     _validate(rewards, group_size, group_ids, scale, estimator, eps, backend)
-    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    name = backends.resolve(FN, backend, rewards.device, rewards.dtype, has_cpu_kernel=False)
+    check_not_meta(FN, rewards=rewards, group_ids=group_ids)  # reward_weights: its device must be rewards'
+
+    check_no_inf(FN, "rewards", rewards, "that reward function did not score the sample")
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.detach()
     if r.dim() == 1:
         r = r.unsqueeze(1)
-    weights = (torch.ones(r.shape[1], dtype=dt, device=r.device) if reward_weights is None
-               else _reward_weights(reward_weights, r.shape[1], rewards, dt))
-    name = backends.resolve(FN, backend, rewards.device, rewards.dtype, has_cpu_kernel=False)
+    # the weights, like the statistics, are float64 whatever the rewards' dtype (see torch_group_advantages)
+    weights = (torch.ones(r.shape[1], dtype=torch.float64, device=r.device) if reward_weights is None
+               else _reward_weights(reward_weights, r.shape[1], rewards, torch.float64))
+    check_weighted_sums(FN, r, weights)
     backends.record(FN, name)
     if name == "triton":
         impl = importlib.import_module("grpo_kernels.backends.triton.advantages").group_advantages
     else:
         impl = torch_group_advantages
     return impl(r, weights, None if group_size is None else int(group_size), group_ids, scale, estimator == "rloo",
-                float(eps))
+                float(eps), out_dtype=out_dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -23,13 +24,24 @@ CLIPPED_SURROGATE = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
 
+# Fields stored as Python floats / ints: numpy scalars (np.float32(0.04) read from an array) are valid
+# values, but a numpy scalar times a tensor can turn into a numpy array, so they are converted once here.
+FLOAT_FIELDS = ("beta", "epsilon_low", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
+                "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "temperature", "logit_softcap",
+                "entropy_coef", "top_entropy_quantile")
+INT_FIELDS = ("max_completion_length",)
+
+
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
     """Options of the GRPO loss (TRL-compatible names).
+
+    Numbers must be finite; numpy scalars (e.g. ``np.float32(0.04)``) are accepted and stored as
+    Python floats / ints, so the config never carries numpy types into tensor arithmetic.
 
     Attributes:
         loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo. Chooses the per-token
@@ -76,6 +88,14 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in FLOAT_FIELDS:  # finite real scalars of any type become floats; the rest is refused below
+            if _is_number(getattr(self, name)):
+                object.__setattr__(self, name, float(getattr(self, name)))
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"GRPOConfig: {field} must be {expected}; got {getattr(self, field)!r}")
 
@@ -109,7 +129,8 @@ class GRPOConfig:
             if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
                 raise bad("max_completion_length", "a positive int for loss_type='dr_grpo'")
         elif self.max_completion_length is not None and (
-            not isinstance(self.max_completion_length, int) or self.max_completion_length <= 0
+            not isinstance(self.max_completion_length, int) or isinstance(self.max_completion_length, bool)
+            or self.max_completion_length <= 0
         ):
             raise bad("max_completion_length", "None or a positive int")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg", "temperature"):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._checks import DataChecks, check_config, check_lm_head, check_tensor
+from ._checks import DataChecks, check_config, check_kept_ids, check_lm_head, check_tensor
 from .backends import Backend, FirstPass, LogprobsParams, Needs, first_pass, gradient_pass
 from .config import GRPOConfig
 from .logprobs import differentiable_once, gather_rows, scatter_rows, select_rows
@@ -208,7 +208,10 @@ def fused_linear_grpo_loss(
     Args:
         hidden: [B, T, D] final hidden states at the positions that predict completion_ids.
         weight: [V, D] LM-head weight (tied embeddings: pass the embedding matrix).
-        completion_ids: [B, T] int64 sampled token ids.
+        completion_ids: [B, T] int64 sampled token ids, in [0, V) at every token the mask keeps;
+            where mask == 0 they are never read and may be -100 (ignore_index) as well. -100 at a
+            kept token is refused by name on every backend: "ignore" and "keep" contradict each
+            other, so the mask alone says which tokens count.
         mask: [B, T] completion mask (0 = padding; those tokens cost no vocabulary work).
         advantages: [B] or [B, T].
         config: the loss options.
@@ -217,8 +220,11 @@ def fused_linear_grpo_loss(
         bias: optional [V] LM-head bias.
         is_ratio: sampler importance-sampling correction, [B, T], [B] or [B, 1].
         num_items_in_batch: token count of the whole accumulated batch over ranks (the losses normalized by
-            it: ``policy_loss.normalized_by_token_count``).
+            it: ``policy_loss.normalized_by_token_count``): a finite number >= 1 or a one-element tensor.
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
+
+    The per-token inputs follow :func:`grpo_kernels.grpo_loss`'s finiteness rule (finite wherever
+    mask != 0, anything where mask == 0).
 
     Returns:
         GRPOLossOutput: ``loss`` (scalar float32, float64 for float64 inputs; differentiable w.r.t.
@@ -234,6 +240,7 @@ def fused_linear_grpo_loss(
     validate_loss_inputs(FN, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
                          is_ratio, num_items_in_batch, checks)
     name = backends.resolve(FN, backend, hidden.device, hidden.dtype)
+    check_kept_ids(FN, "completion_ids", completion_ids, mask, weight.shape[0], checks)
     checks.run()
     backends.record(FN, name)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731

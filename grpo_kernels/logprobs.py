@@ -100,9 +100,11 @@ def linear_logprobs(
         hidden: [..., D] float32 / bfloat16 / float16 hidden states (float64 on backend "torch").
         weight: [V, D] LM-head weight, same dtype as hidden.
         targets: [...] int64 token ids in [0, V), or ignore_index.
-        bias: optional [V] LM-head bias.
-        temperature: logits are divided by it (> 0).
-        softcap: optional final-logit soft-capping ``softcap * tanh(z / softcap)`` after the temperature.
+        bias: optional [V] LM-head bias, finite (a -inf entry to ban a token is refused: its entropy
+            term would be NaN).
+        temperature: logits are divided by it (a finite number > 0; numpy scalars are fine).
+        softcap: optional final-logit soft-capping ``softcap * tanh(z / softcap)`` after the temperature
+            (a finite number > 0).
         ignore_index: targets equal to it get log-prob 0 (and entropy 0) and no gradient.
         return_entropy: also return the entropy of each token's distribution (differentiable).
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch";
@@ -110,6 +112,12 @@ def linear_logprobs(
 
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] likewise when return_entropy.
+
+    Bad input is refused by name before any kernel runs (shapes, dtypes, devices, meta tensors,
+    V = 0 or D = 0, ids outside [0, V) other than ignore_index, non-finite options or bias). hidden
+    and weight are not scanned for NaN / inf: a non-finite value gives NaN exactly where the
+    materializing oracle has NaN (the tokens, or with a NaN weight row every token). The logits
+    ``hidden @ weight.T / temperature`` must fit in float32 (|z| < 3.4e38), as for any fp32 softmax.
     """
     fn = "linear_logprobs"
     checks = DataChecks(fn)

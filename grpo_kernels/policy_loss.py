@@ -24,7 +24,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import DataChecks, check_config, check_float, check_same_device, check_shape, check_tensor
+from ._checks import (DataChecks, check_config, check_float, check_not_meta, check_num_items, check_real_mask,
+                      check_same_device, check_shape, check_tensor)
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
 Number = Union[int, float, Tensor]
@@ -387,10 +388,12 @@ def validate_loss_inputs(
     B, T = logp_shape
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, (B, T), "the completion tokens")
+    check_real_mask(fn, mask)
     check_float(fn, "advantages", advantages)
     check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if advantages.device != device:
         raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
+    check_not_meta(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if mask.is_floating_point():
         checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights)")
     if mask.dtype != torch.bool:
@@ -404,6 +407,7 @@ def validate_loss_inputs(
         if x is not None:
             check_float(fn, name, x)
             check_shape(fn, name, x, (B, T), "the completion tokens")
+            checks.finite_where(name, x, mask != 0)
     if config.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{fn}: ref_logp is required when config.beta != 0 (beta={config.beta}); pass the reference model's log-probs or set beta=0")
     if is_ratio is not None:
@@ -414,14 +418,7 @@ def validate_loss_inputs(
             torch.where((mask != 0).any(-1), is_ratio.reshape(B), 1.0)
         checks.finite("is_ratio", live_is)
         checks.require(~(live_is < 0).any(), lambda: f"{fn}: is_ratio must be >= 0 (an importance-sampling ratio)")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            n_items = num_items_in_batch
-            checks.require((n_items > 0).all(), lambda: f"{fn}: num_items_in_batch must be > 0; got {float(n_items)}")
-        else:
-            n = float(num_items_in_batch)
-            if not n > 0:
-                raise ValueError(f"{fn}: num_items_in_batch must be > 0; got {n}")
+    check_num_items(fn, num_items_in_batch, checks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,6 +452,13 @@ def grpo_loss(
         entropy: [B, T] per-token entropy; required when config.entropy_coef != 0 or
             config.top_entropy_quantile < 1, reported as the ``entropy`` metric when given.
 
+    Finiteness (one rule for every per-token input: logp, entropy, old_logp, ref_logp, advantages,
+    is_ratio): each must be finite at every token the mask keeps (mask != 0), else a ValueError
+    names it; a NaN or -inf old_logp would otherwise turn the loss into NaN or silently drop the
+    token. Where mask == 0 (padding) nothing is read, so NaN / inf there changes nothing. A per-
+    sequence input ([B]) counts as kept when its row has a kept token. The mask itself must be
+    finite and >= 0 everywhere; num_items_in_batch a finite number >= 1.
+
     Returns:
         GRPOLossOutput with the scalar loss and metrics ``kl`` (when ref_logp is given),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` and ``entropy``
@@ -465,12 +469,15 @@ def grpo_loss(
     check_float(fn, "logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"{fn}: logp must be [B, T]; got shape {tuple(logp.shape)}")
+    check_not_meta(fn, logp=logp)
     checks = DataChecks(fn)
     validate_loss_inputs(fn, tuple(logp.shape), logp.device, advantages, mask, config, old_logp, ref_logp, is_ratio,
                          num_items_in_batch, checks)
+    checks.finite_where("logp", logp.detach(), mask != 0)
     if entropy is not None:
         check_float(fn, "entropy", entropy)
         check_shape(fn, "entropy", entropy, logp.shape, "logp")
+        checks.finite_where("entropy", entropy.detach(), mask != 0)
     elif config.needs_entropy:
         raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
     checks.run()

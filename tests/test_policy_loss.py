@@ -373,7 +373,7 @@ def _call(**over):
         (dict(ref_logp=None), ValueError, "ref_logp is required when config.beta != 0"),
         (dict(is_ratio=torch.ones(3, 4)), ValueError, r"is_ratio must be \[B, T\]"),
         (dict(is_ratio=-torch.ones(3)), ValueError, "is_ratio must be >= 0"),
-        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be a finite token count >= 1"),
         (dict(config=dict(beta=0.0)), TypeError, "config must be a grpo_kernels.GRPOConfig"),
         (dict(config=gk.GRPOConfig(entropy_coef=0.1)), ValueError, "entropy is required"),
         (dict(advantages=torch.zeros(3, device="meta")), ValueError, "one device"),
