@@ -327,6 +327,32 @@ def run_grid(jobs: int = 2) -> dict:
             "wall_s": time.time() - t0, "jobs": jobs, "triton": triton.__version__}
 
 
+def summary_table(res: dict) -> str:
+    """Markdown: per target, kernel and input dtype, the range of registers, local and shared memory
+    and MMA instruction counts over the variants compiled (every launch is in the JSON)."""
+    groups: dict[tuple, dict] = {}
+    for case_id, entries in res["cases"].items():
+        arch, dtype = case_id.split("-")[0], case_id.split("-")[2 if "-adv-" in case_id else 1]
+        for e in entries:
+            g = groups.setdefault((arch, e["kernel"], dtype), {"jobs": set(), "errors": 0})
+            g["jobs"].add(e["job"])
+    lines = ["| target | kernel | inputs | variants | registers | local B | shared KiB | SASS MMA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (arch, kernel, dtype), g in sorted(groups.items()):
+        reps = [res["reports"][j] for j in sorted(g["jobs"])]
+        ok = [r for r in reps if "error" not in r]
+        if not ok:
+            lines.append(f"| {arch} | {kernel} | {dtype} | {len(reps)} | compile error | | | |")
+            continue
+        def span(key, scale=1.0, fmt="{:.0f}"):
+            lo, hi = min(r[key] for r in ok) / scale, max(r[key] for r in ok) / scale
+            return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+        err = f" ({len(reps) - len(ok)} errors)" if len(ok) < len(reps) else ""
+        lines.append(f"| {arch} | {kernel} | {dtype} | {len(reps)}{err} | {span('registers')} | {span('local_bytes')} | "
+                     f"{span('shared_bytes', 1024, '{:.1f}')} | {span('sass_mma')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
     import json
@@ -341,19 +367,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res))
-    seen = set()
-    print("| target | kernel | registers | local B | shared KiB | MMA (PTX/SASS) |\n|---|---|---|---|---|---|")
-    for entries in res["cases"].values():
-        for e in entries:
-            r = res["reports"][e["job"]]
-            if e["job"] in seen:
-                continue
-            seen.add(e["job"])
-            if "error" in r:
-                print(f"| ? | {e['kernel']} | compile error: {r['error'][:200]} |")
-                continue
-            print(f"| sm_{r['arch']} | {r['kernel']} | {r['registers']} | {r['local_bytes']} | "
-                  f"{r['shared_bytes'] / 1024:.1f} | {r['ptx_mma']}/{r['sass_mma']} |")
+    print(summary_table(res))
     print(f"\n{len(res['cases'])} cases, {res['distinct_compiles']} distinct compiles, {res['wall_s']:.0f} s "
           f"with {res['jobs']} processes")
     return 0
