@@ -104,8 +104,9 @@ def cuda_config(dtype: torch.dtype, sm_count: int, arch: int = 90) -> LaunchConf
     BLOCK_D = 32 the IEEE-fp32 FMA dots spill 8-24 bytes per thread in the forward and dH kernels,
     with bias, softcap and entropy on). Below sm_90 (``arch``, 10 * major + minor) ptxas caps these
     8-warp kernels at 128 registers and spills 4-8 bytes in some variants (fp16 forward with bias,
-    softcap and entropy; fp32 dH with entropy), so the cap is lifted there (``maxnreg=255``: 130-160
-    registers, one program per SM partition fewer). No kernel spills at these settings. Not timed
+    softcap and entropy; fp32 dH with entropy), so the cap is lifted there (``maxnreg=255``: forward
+    128-146 registers, dH / dW 200-255, so one 8-warp program per SM instead of two). No kernel
+    spills at these settings. Not timed
     on a GPU yet (none was at hand): tune here first (docs/gpu_performance.md)."""
     maxnreg = 255 if arch < 90 else None
     if dtype == torch.float32:
