@@ -26,7 +26,11 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from grpo_kernels.backends.triton import aot  # noqa: E402
+try:  # aot.py binds arguments with Triton 3.9's runtime internals (create_function_from_signature, _pack_args)
+    from grpo_kernels.backends.triton import aot
+except ImportError as exc:  # pragma: no cover - another Triton
+    pytest.skip(f"Triton {triton.__version__} lacks the internals the ahead-of-time compile uses: {exc}",
+                allow_module_level=True)
 
 CASES = aot.cases()
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
