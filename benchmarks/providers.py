@@ -146,7 +146,7 @@ def _build_floor(case: Case, inp: Inputs, gemm_dtype: torch.dtype) -> Fn:
     """
     h = inp.hidden.detach().reshape(-1, case.d).to(gemm_dtype)
     w = inp.weight.detach().to(gemm_dtype)
-    logits = torch.empty(h.shape[0], case.v, dtype=h.dtype)
+    logits = torch.empty(h.shape[0], case.v, dtype=h.dtype, device=h.device)  # on CUDA: cuBLAS into it
     if not case.backward:
         def fwd() -> tuple[Tensor, ...]:
             torch.mm(h, w.t(), out=logits)
@@ -231,12 +231,25 @@ def _cce_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
     return -linear_cross_entropy(h, w, t, reduction="none", impl=_cce_impl(h.device)).float()
 
 
+# --- TRL's chunked LM head ---------------------------------------------------------------------------
+
+def _trl_logprobs(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    # trl.kernels.ChunkedLogProbFunction (TRL >= 1.16): what GRPOTrainer's fused LM head calls, cuBLAS GEMMs on
+    # [4096-token x chunk] tiles folded by Triton on GPU (torch on CPU); chunk = TRL's own default.
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    return ChunkedLogProbFunction.apply(h, w, None, t, 1.0, chunk, None, 1.0, ())[0]
+
+
 def _probe(logprobs: LogprobsFn) -> Callable[[], None]:
     """Run ``logprobs`` forward and backward on a tiny problem (raises where it cannot run here)."""
     def probe() -> None:
-        h = torch.randn(8, 64, requires_grad=True)
-        w = (torch.randn(256, 64) * WEIGHT_STD).requires_grad_(True)
-        t = torch.randint(0, 256, (8,))
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # where run.py --device cuda would run it
+        h = torch.randn(8, 64, device=dev, requires_grad=True)
+        w = (torch.randn(256, 64, device=dev) * WEIGHT_STD).requires_grad_(True)
+        t = torch.randint(0, 256, (8,), device=dev)
         logprobs(h, w, t).sum().backward()
     return probe
 
@@ -275,6 +288,13 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              logprobs=_cce_logprobs, grpo=_composed_grpo(_cce_logprobs), requires=("cut_cross_entropy",),
              # one [N, V] buffer in the inputs' dtype: measured 2.0-2.2 (bf16) and 4.2-4.4 (fp32) bytes per logit
              logit_bytes={"logprobs_fwd": (1, 0.5), "logprobs_fwd_bwd": (1, 0.5), "grpo_fwd_bwd": (1, 0.5)}),
+    Provider("trl-chunked", "TRL 1.16's chunked head trl.kernels.ChunkedLogProbFunction (its fused LM head's op), -> logp; "
+             "grpo_kernels.grpo_loss on top for the loss",
+             logprobs=_trl_logprobs, grpo=_composed_grpo(_trl_logprobs), requires=("trl.kernels",),
+             probe=_probe(_trl_logprobs),
+             # fp32 [N, D] and [V, D] gradient accumulators and [4096 x 32768] tiles (+4.1 GB measured at 8 x 512, Intel Xeon with AMX)
+             logit_bytes={"logprobs_fwd_bwd": (0, 1.0), "grpo_fwd_bwd": (0, 1.0)},
+             weight_bytes={"logprobs_fwd": 0.5, "logprobs_fwd_bwd": 8.5, "grpo_fwd_bwd": 8.5}),
 )}
 
 

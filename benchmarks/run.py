@@ -26,7 +26,9 @@ the JSON file, rewritten after each case so an interrupted run keeps what it mea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
+import itertools
 import gc
 import json
 import os
@@ -103,6 +105,10 @@ def worker(spec: dict) -> dict:
     import cases
     import providers
 
+    if spec.get("device", "cpu") == "cuda":  # CUDA events and the allocator's peak: timing_cuda.py
+        import timing_cuda
+
+        return timing_cuda.worker(spec, cases, providers)
     case = cases.Case.from_json(spec["case"])
     prov = providers.PROVIDERS[spec["provider"]]
     reason = prov.unavailable()
@@ -164,7 +170,7 @@ def worker_main(spec_json: str) -> None:
 def spawn(mode: str, case, provider: str, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh subprocess with a timeout; always returns a dict with status."""
     spec = {"mode": mode, "case": case.to_json(), "provider": provider, "repeats": args.repeats, "seed": args.seed,
-            "floor": args.floor}
+            "floor": args.floor, "device": getattr(args, "device", "cpu")}
     env = dict(os.environ)
     if mode == "mem":
         # A fixed threshold also disables glibc's dynamic raising of it (up to 32 MB), so every buffer of
@@ -292,8 +298,11 @@ def table(op: str, dtype: str, records: list[dict], providers: list[str], repeat
         rows.append([size_label] + [cell(by[p], floor_s) if p in by else "" for p in providers])
     floor_name = "GEMM floor" if floor_kind in ("dtype", dtype) else f"GEMM floor ({floor_kind} GEMMs)"
     head = ["B×T" if op == "grpo_fwd_bwd" else "N"] + [floor_name if p == "gemm-floor" else p for p in providers]
-    lines = [f"### {op} · {dtype}  (D={cases.D}, V={cases.V})", "",
-             f"cells: time (median of {repeats} after 1 warm-up) · time / GEMM floor · extra peak RSS above inputs "
+    d, v = (records[0].get("d", cases.D), records[0].get("v", cases.V)) if records else (cases.D, cases.V)
+    cuda = any(r.get("time", {}).get("device") for r in records)
+    mem = "extra peak CUDA allocation" if cuda else "extra peak RSS"
+    lines = [f"### {op} · {dtype}  (D={d}, V={v})", "",
+             f"cells: time (median of {repeats} after warm-up) · time / GEMM floor · {mem} above inputs "
              f"and returned outputs", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -335,6 +344,7 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
 
     def base_record(p) -> dict:
         return {"op": case.op, "dtype": case.dtype, "size": case.to_json()["size"], "size_label": case.size_label,
+                "d": case.d, "v": case.v,
                 "n_tokens": case.n_tokens, "provider": p.name, "is_floor": p.is_floor,
                 "estimate_bytes": providers.estimate_total_bytes(case, p), "gemm_gflop": case.gemm_flops() / 1e9}
 
@@ -367,7 +377,10 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
         else:
             rec["status"] = "ok"
             rec["time"] = spawn("time", case, p.name, args)
-            rec["memory"] = spawn("mem", case, p.name, args)
+            if args.device == "cpu":
+                rec["memory"] = spawn("mem", case, p.name, args)
+            else:  # the CUDA timing subprocess also measured the allocator's peak (timing_cuda.py)
+                rec["memory"] = rec["time"].get("memory") or {k: rec["time"].get(k, "") for k in ("status", "reason")}
             rec["backend"] = rec["time"].get("backend") or rec["memory"].get("backend")
             if rec["time"].get("status") == "n/a":  # unavailable in the worker though importable here
                 rec.update(status="n/a", reason=rec["time"].get("reason"))
@@ -375,7 +388,10 @@ def run_case(case, provider_names: list[str], args: argparse.Namespace) -> list[
 
     if not floor_skip:
         floor_rec["status"] = "ok"
-        floor_rec["memory"] = spawn("mem", case, floor.name, args)
+        if args.device == "cpu":
+            floor_rec["memory"] = spawn("mem", case, floor.name, args)
+        else:
+            floor_rec["memory"] = first.get("memory") or {k: first.get(k, "") for k in ("status", "reason")}
         second = spawn("time", case, floor.name, args)
         floor_rec["time_after"] = second
         floor_times += second.get("times_s", [])
@@ -420,6 +436,14 @@ def run_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def parse_head(text: str) -> tuple[int, int]:
+    """'4096x128256' -> (4096, 128256): an LM head's hidden size and vocabulary."""
+    d, sep, v = text.lower().replace("×", "x").partition("x")
+    if not sep or not d.isdigit() or not v.isdigit() or int(d) < 1 or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected DxV, e.g. 896x151936; got {text!r}")
+    return int(d), int(v)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -453,6 +477,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="seconds per subprocess (default 3600: the slowest full-grid runs take ~25 min on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: inputs on GPU 0, CUDA-event timing, torch.cuda.max_memory_allocated (timing_cuda.py)")
+    ap.add_argument("--heads", nargs="+", type=parse_head, default=None, metavar="DxV",
+                    help=f"LM-head shapes hidden x vocab (default {cases.D}x{cases.V}), e.g. 896x151936 4096x128256")
     ap.add_argument("--check", action="store_true",
                     help="only check every provider against the float64 oracle on tiny fp32 shapes, then exit")
     args = ap.parse_args(argv)
@@ -464,7 +492,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = None if args.providers is None else sorted(set(args.providers) | {"gemm-floor"},
                                                        key=list(providers.PROVIDERS).index)
     grid = cases.grid(tuple(args.ops), tuple(args.dtypes), args.sizes, args.quick)
+    heads = args.heads or [(cases.D, cases.V)]
+    grid = [dataclasses.replace(c, d=d, v=v) for d, v in heads for c in grid]
     info = machine_info()
+    if args.device == "cuda":
+        import timing_cuda
+
+        info.update(timing_cuda.device_info())
     payload: dict[str, Any] = {
         "machine": info,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -477,23 +511,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"{len(grid)} cases on {info.get('cpu_model')} ({info['torch_threads']} threads, torch {info['torch']}); "
         f"JSON -> {args.out}")
     tables = []
-    for op in args.ops:
-        for dtype in args.dtypes:
-            group = [c for c in grid if c.op == op and c.dtype == dtype]
-            if not group:
-                continue
-            recs = []
-            for case in group:
-                log(f"[{case.op} {case.dtype} {case.size_label}]")
-                new = run_case(case, names, args)
-                recs += new
-                payload["results"].extend(new)
-                payload["machine"]["loadavg_end"] = list(os.getloadavg())
-                write_json(args.out, payload)
-            cols = [p.name for p in providers.providers_for(op, names)]
-            tables.append(table(op, dtype, recs, cols, args.repeats, args.floor))
-            log("\n" + tables[-1] + "\n")
-    print(f"# grpo_kernels benchmarks — {info.get('cpu_model')}, {info['torch_threads']} threads, torch {info['torch']}, "
+    for op, dtype, (d, v) in itertools.product(args.ops, args.dtypes, heads):  # one table per op, dtype, head
+        group = [c for c in grid if c.op == op and c.dtype == dtype and (c.d, c.v) == (d, v)]
+        if not group:
+            continue
+        recs = []
+        for case in group:
+            log(f"[{case.op} {case.dtype} {case.size_label} D={case.d} V={case.v}]")
+            new = run_case(case, names, args)
+            recs += new
+            payload["results"].extend(new)
+            payload["machine"]["loadavg_end"] = list(os.getloadavg())
+            write_json(args.out, payload)
+        cols = [p.name for p in providers.providers_for(op, names)]
+        tables.append(table(op, dtype, recs, cols, args.repeats, args.floor))
+        log("\n" + tables[-1] + "\n")
+    print(f"# grpo_kernels benchmarks — {info.get('gpu') or info.get('cpu_model')}, {info['torch_threads']} threads, torch {info['torch']}, "
           f"{info['date']}\n")
     print("\n\n".join(tables))
     print(f"\nJSON: {args.out}")

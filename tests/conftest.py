@@ -28,3 +28,12 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The resource table of the ahead-of-time Triton compiles (tests/test_triton_compile.py), if they ran."""
+    lines = getattr(config, "_triton_compile_summary", None)
+    if lines:
+        terminalreporter.write_sep("-", "Triton sm_80 / sm_90 ahead-of-time compiles")
+        for line in lines:
+            terminalreporter.write_line(line)

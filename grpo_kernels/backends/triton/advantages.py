@@ -30,6 +30,8 @@ from torch import Tensor
 
 from grpo_kernels import backends
 
+from .launch_plan import Launch, run
+
 SCALES = {"none": 0, "group": 1, "batch": 2}
 MAX_BLOCK_N = 1024
 MAX_BLOCK_R = 16
@@ -184,12 +186,21 @@ def group_advantages(rewards: Tensor, weights: Tensor, group_size: Optional[int]
     Groups are consecutive runs of ``group_size`` samples, or the samples sharing a label of
     ``group_ids`` [B] (exactly one of the two is given).
     """
+    adv, launches = group_advantages_plan(rewards, weights, group_size, group_ids, scale, rloo, eps, out_dtype)
+    run(launches)
+    return adv
+
+
+def group_advantages_plan(rewards: Tensor, weights: Tensor, group_size: Optional[int], group_ids: Optional[Tensor],
+                          scale: str, rloo: bool, eps: float,
+                          out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, list[Launch]]:
+    """The output adv [B], allocated, and the launches that fill it (arguments as in :func:`group_advantages`)."""
     n_rows, n_cols = rewards.shape
     out_dtype = out_dtype or weights.dtype
     weights = weights.to(torch.float64)
     adv = backends.empty((n_rows,), out_dtype, rewards.device)
     if n_rows == 0:
-        return adv
+        return adv, []
     if group_ids is None:
         offsets = torch.arange(0, n_rows + 1, group_size, device=rewards.device)
         order = offsets  # not read when SORTED
@@ -201,16 +212,23 @@ def group_advantages(rewards: Tensor, weights: Tensor, group_size: Optional[int]
         largest = int(counts.max())
     block_n = min(max(triton.next_power_of_2(largest), 16), MAX_BLOCK_N)
     block_r = min(triton.next_power_of_2(n_cols), MAX_BLOCK_R)
+    # Without a register cap ptxas squeezes these kernels to 32-40 registers and spills fp64 values;
+    # 1024-row blocks need more warps than 4 not to spill (ahead-of-time sm_80 / sm_90 compiles).
+    opts = dict(num_warps=min(16, max(4, block_n // 64)), maxnreg=128)
 
+    launches = []
     batch_std = adv  # not read unless scale == "batch"
     if scale == "batch":
         batch_std = backends.empty((2,), torch.float64, rewards.device)  # (std of R / s, s)
-        _batch_std_kernel[(1,)](
-            rewards, weights, batch_std, n_rows, n_cols, rewards.stride(0), rewards.stride(1),
-            BLOCK_N=min(max(triton.next_power_of_2(n_rows), 16), MAX_BLOCK_N), BLOCK_R=block_r,
-        )
-    _group_advantages_kernel[(offsets.numel() - 1,)](
-        rewards, weights, order, offsets, batch_std, adv, n_cols, rewards.stride(0), rewards.stride(1), eps,
-        SCALE=SCALES[scale], RLOO=rloo, SORTED=group_ids is None, BLOCK_N=block_n, BLOCK_R=block_r,
-    )
-    return adv
+        block_b = min(max(triton.next_power_of_2(n_rows), 16), MAX_BLOCK_N)
+        launches.append(Launch(
+            _batch_std_kernel, (1,),
+            (rewards, weights, batch_std, n_rows, n_cols, rewards.stride(0), rewards.stride(1)),
+            dict(BLOCK_N=block_b, BLOCK_R=block_r, num_warps=min(16, max(4, block_b // 64)), maxnreg=128),
+        ))
+    launches.append(Launch(
+        _group_advantages_kernel, (offsets.numel() - 1,),
+        (rewards, weights, order, offsets, batch_std, adv, n_cols, rewards.stride(0), rewards.stride(1), eps),
+        dict(SCALE=SCALES[scale], RLOO=rloo, SORTED=group_ids is None, BLOCK_N=block_n, BLOCK_R=block_r, **opts),
+    ))
+    return adv, launches

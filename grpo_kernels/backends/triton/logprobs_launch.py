@@ -3,6 +3,10 @@
 Every output is allocated with :func:`grpo_kernels.backends.empty` (NaN in the tests' poison mode),
 so an element a kernel forgets to write fails a test. Inputs arrive validated and flattened
 (``hidden [N, D]``, ``weight [V, D]``, ``targets [N]``), with ignore_index tokens already removed.
+
+Each launcher is a plan (``forward_plan`` / ``backward_plan``: output buffers and the list of
+kernel launches that fill them, see ``launch_plan.py``) followed by running it; the ahead-of-time
+compile test builds the same plans, so what it compiles is what a GPU launches.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from .. import LogprobsParams, empty, triton_interpret
 from . import logprobs_kernels as K
+from .launch_plan import Launch, Step, run
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,6 +45,9 @@ class LaunchConfig:
     is what the materializing bf16 path (and the C++ backend) does, and it stays within docs/design.md's
     2x rule (whose floor is one ulp of the gradient's dtype); on, dH / dW reach fp32-accumulation
     accuracy for 1.5x the backward's dot work.
+
+    maxnreg: register cap per thread passed to ptxas for the tile kernels (None: ptxas picks; on
+    sm_80 it then caps 8-warp kernels at 128 registers and spills a few bytes in some variants).
     """
 
     block_n: int = 64
@@ -51,6 +59,7 @@ class LaunchConfig:
     max_split: int = 32
     max_partial_bytes: int = 1 << 28
     split_dz: bool = False
+    maxnreg: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_v", "block_d"):
@@ -80,23 +89,39 @@ INTERPRETER_CONFIG = LaunchConfig(block_n=16, block_v=1024, block_d=16, num_warp
 
 
 def default_config(device: torch.device, dtype: torch.dtype) -> LaunchConfig:
-    """Interpreter tiles on CPU tensors; on CUDA, a grid of about two programs per SM and tiles
-    picked from ahead-of-time sm_90 compiles (ptxas register / spill report, 8 warps, 3 stages):
-    64 x 128 x 32 for 16-bit inputs (no spills in any kernel) and 64 x 64 x 32 for fp32 (no spills
-    with TF32 dots, under 200 bytes with IEEE fp32 dots). Not timed on a GPU yet (none was at
-    hand): tune here first."""
+    """Interpreter tiles on CPU tensors; on CUDA, :func:`cuda_config` for the device's SM count and
+    compute capability."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    block_v = 64 if dtype == torch.float32 else 128
-    return LaunchConfig(block_n=64, block_v=block_v, block_d=32, num_warps=8, num_stages=3, target_programs=2 * sms)
+    props = torch.cuda.get_device_properties(device)
+    return cuda_config(dtype, props.multi_processor_count, 10 * props.major + props.minor)
+
+
+def cuda_config(dtype: torch.dtype, sm_count: int, arch: int = 90) -> LaunchConfig:
+    """The CUDA launch configuration: a grid of about two programs per SM and tiles picked from
+    ahead-of-time sm_80 / sm_90 compiles (``tests/test_triton_compile.py``: ptxas register / spill
+    report, 8 warps, 3 stages): 64 x 128 x 32 for 16-bit inputs and 64 x 64 x 16 for fp32 (with
+    BLOCK_D = 32 the IEEE-fp32 FMA dots spill 8-24 bytes per thread in the forward and dH kernels,
+    with bias, softcap and entropy on). Below sm_90 (``arch``, 10 * major + minor) ptxas caps these
+    8-warp kernels at 128 registers and spills 4-8 bytes in some variants (fp16 forward with bias,
+    softcap and entropy; fp32 dH with entropy), so the cap is lifted there (``maxnreg=255``: forward
+    128-146 registers, dH / dW 200-255, so one 8-warp program per SM instead of two). No kernel
+    spills at these settings. Not timed
+    on a GPU yet (none was at hand): tune here first (docs/gpu_performance.md)."""
+    maxnreg = 255 if arch < 90 else None
+    if dtype == torch.float32:
+        return LaunchConfig(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=3,
+                            target_programs=2 * sm_count, maxnreg=maxnreg)
+    return LaunchConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3, target_programs=2 * sm_count,
+                        maxnreg=maxnreg)
 
 
 def _dot_flags(x: Tensor) -> tuple[bool, str]:
     """(DOT_FP32, DOT_PRECISION). The interpreter's tl.dot multiplies bfloat16 bit patterns as
-    integers, so its tiles are upcast (exactly) to fp32 first. fp32 inputs follow torch's TF32 switch."""
+    integers, so its tiles are upcast (exactly) to fp32 first. fp32 inputs follow torch's TF32 switch
+    on a GPU (and on ``meta`` tensors, which the ahead-of-time compile test plans with)."""
     dot_fp32 = triton_interpret() and x.device.type != "cuda"
-    tf32 = x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = not dot_fp32 and torch.backends.cuda.matmul.allow_tf32
     return dot_fp32, "tf32" if tf32 else "ieee"
 
 
@@ -123,6 +148,14 @@ def _common(h: Tensor, w: Tensor, b: Optional[Tensor], p: LogprobsParams):
 def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams,
             cfg: Optional[LaunchConfig] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """logp [N] f32, entropy [N] f32 (None unless ``p.return_entropy``), lse [N] f32."""
+    outputs, steps = forward_plan(h, w, b, t, p, cfg)
+    run(steps)
+    return outputs
+
+
+def forward_plan(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams,
+                 cfg: Optional[LaunchConfig] = None) -> tuple[tuple[Tensor, Optional[Tensor], Tensor], list[Step]]:
+    """The forward's outputs (logp, entropy | None, lse), allocated, and the launches that fill them."""
     check_supported(h, w, b)
     cfg = cfg or default_config(h.device, h.dtype)
     (n, d), v = h.shape, w.shape[0]
@@ -131,7 +164,7 @@ def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsPar
     lse = empty((n,), torch.float32, dev)
     ent = empty((n,), torch.float32, dev) if p.return_entropy else None
     if n == 0:
-        return logp, ent, lse
+        return (logp, ent, lse), []
     t = t.contiguous()
     b = None if b is None else b.contiguous()
     n_blocks = _cdiv(n, cfg.block_n)
@@ -139,36 +172,38 @@ def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsPar
     finalize = n_split == 1
     part = lse if finalize else empty((4, n_split, n), torch.float32, dev)
     args, flags, dot = _common(h, w, b, p)
-    K._fwd_kernel[(n_blocks, n_split)](
-        h, w, w if b is None else b, t, logp, lse, lse if ent is None else ent, part,
-        n, v, d, *args, per * cfg.block_v, n_split,
-        **flags, WANT_ENT=ent is not None, FINALIZE=finalize,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    steps: list[Step] = [Launch(
+        K._fwd_kernel, (n_blocks, n_split),
+        (h, w, w if b is None else b, t, logp, lse, lse if ent is None else ent, part,
+         n, v, d, *args, per * cfg.block_v, n_split),
+        dict(**flags, WANT_ENT=ent is not None, FINALIZE=finalize,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **dot,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg),
+    )]
     if not finalize:
         block_s = max(2, triton.next_power_of_2(n_split))
-        block = 128
-        K._fwd_combine_kernel[(_cdiv(n, block),)](
-            part, logp, lse, lse if ent is None else ent, n, n_split,
-            WANT_ENT=ent is not None, BLOCK_N=block, BLOCK_S=block_s, num_warps=4,
-        )
-    return logp, ent, lse
+        block = max(16, min(128, 2048 // block_s))  # 128 x 32 partials of four planes spill on sm_90
+        steps.append(Launch(
+            K._fwd_combine_kernel, (_cdiv(n, block),),
+            (part, logp, lse, lse if ent is None else ent, n, n_split),
+            dict(WANT_ENT=ent is not None, BLOCK_N=block, BLOCK_S=block_s, num_warps=4),
+        ))
+    return (logp, ent, lse), steps
 
 
-def _sum_splits(part: Tensor, out: Tensor) -> Tensor:
-    """out = part.sum(0) cast to out's dtype, in one pass (the split reduction's single cast)."""
+def _sum_splits(part: Tensor, out: Tensor) -> Step:
+    """The step out = part.sum(0) cast to out's dtype, in one pass (the split reduction's single cast)."""
     if part.shape[0] == 1:
-        return out.copy_(part[0])
+        return lambda: out.copy_(part[0])
     numel = out.numel()
     interpreted = triton_interpret() and out.device.type != "cuda"
     bf16_bits = interpreted and out.dtype == torch.bfloat16  # the interpreter's bf16 cast truncates
     block = 1 << 16 if interpreted else 1024
-    K._split_sum_cast_kernel[(_cdiv(numel, block),)](
-        part, out.view(torch.int16) if bf16_bits else out, numel, part.shape[0],
-        BLOCK=block, BF16_BITS=bf16_bits, num_warps=4,
+    return Launch(
+        K._split_sum_cast_kernel, (_cdiv(numel, block),),
+        (part, out.view(torch.int16) if bf16_bits else out, numel, part.shape[0]),
+        dict(BLOCK=block, BF16_BITS=bf16_bits, num_warps=4),
     )
-    return out
 
 
 def _accumulator(n_split: int, shape: tuple[int, ...], out_dtype: torch.dtype, dev: torch.device) -> tuple[Tensor, bool]:
@@ -183,6 +218,16 @@ def backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, 
              g_logp: Tensor, g_ent: Optional[Tensor], p: LogprobsParams, needs,
              cfg: Optional[LaunchConfig] = None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dhidden [N, D] like hidden, dweight [V, D] like weight, dbias [V] like bias), None where not needed."""
+    outputs, steps = backward_plan(h, w, b, t, lse, ent, g_logp, g_ent, p, needs, cfg)
+    run(steps)
+    return outputs
+
+
+def backward_plan(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, ent: Optional[Tensor],
+                  g_logp: Tensor, g_ent: Optional[Tensor], p: LogprobsParams, needs,
+                  cfg: Optional[LaunchConfig] = None):
+    """The backward's outputs (dhidden | None, dweight | None, dbias | None), allocated, and the steps
+    that fill them: -> (outputs, steps)."""
     check_supported(h, w, b)
     cfg = cfg or default_config(h.device, h.dtype)
     (n, d), v = h.shape, w.shape[0]
@@ -192,7 +237,7 @@ def backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, 
     if n == 0:  # no valid token: nothing flows back
         return (empty((0, d), h.dtype, dev) if need_dh else None,
                 torch.zeros((v, d), dtype=w.dtype, device=dev) if need_dw else None,
-                torch.zeros((v,), dtype=b.dtype, device=dev) if need_db else None)
+                torch.zeros((v,), dtype=b.dtype, device=dev) if need_db else None), []
     t, lse, g_logp = t.contiguous(), _vec(lse), _vec(g_logp)
     ent = None if ent is None else _vec(ent)
     g_ent = None if g_ent is None else _vec(g_ent)
@@ -202,31 +247,43 @@ def backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, lse: Tensor, 
     args, flags, dot = _common(h, w, b, p)
     tiles = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **dot,
                  SPLIT_DZ=cfg.split_dz and h.dtype != torch.float32,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     n_blocks, v_blocks = _cdiv(n, cfg.block_n), _cdiv(v, cfg.block_v)
     bias_arg = w if b is None else b
+    steps: list[Step] = []
 
     dh = None
     if need_dh:
         n_split, per = cfg.split(v_blocks, n_blocks, n * d)
         acc, is_out = _accumulator(n_split, (n, d), h.dtype, dev)
-        K._bwd_dh_kernel[(n_blocks, n_split)](
-            h, w, bias_arg, *vecs, acc, n, v, d, *args, per * cfg.block_v,
-            **flags, HAS_ENT_GRAD=has_ent_grad, **tiles,
-        )
-        dh = acc if is_out else _sum_splits(acc, empty((n, d), h.dtype, dev))
+        steps.append(Launch(
+            K._bwd_dh_kernel, (n_blocks, n_split),
+            (h, w, bias_arg, *vecs, acc, n, v, d, *args, per * cfg.block_v),
+            dict(**flags, HAS_ENT_GRAD=has_ent_grad, **tiles),
+        ))
+        dh = acc
+        if not is_out:
+            dh = empty((n, d), h.dtype, dev)
+            steps.append(_sum_splits(acc, dh))
 
     dw = db = None
     if need_dw or need_db:
         n_split, per = cfg.split(n_blocks, v_blocks, v * d if need_dw else v)
         dw_acc, dw_is_out = _accumulator(n_split, (v, d), w.dtype, dev) if need_dw else (lse, True)
         db_acc, db_is_out = _accumulator(n_split, (v,), b.dtype, dev) if need_db else (lse, True)
-        K._bwd_dw_kernel[(v_blocks, n_split)](
-            h, w, bias_arg, *vecs, dw_acc, db_acc, n, v, d, *args, per * cfg.block_n,
-            **flags, HAS_ENT_GRAD=has_ent_grad, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, **tiles,
-        )
+        steps.append(Launch(
+            K._bwd_dw_kernel, (v_blocks, n_split),
+            (h, w, bias_arg, *vecs, dw_acc, db_acc, n, v, d, *args, per * cfg.block_n),
+            dict(**flags, HAS_ENT_GRAD=has_ent_grad, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, **tiles),
+        ))
         if need_dw:
-            dw = dw_acc if dw_is_out else _sum_splits(dw_acc, empty((v, d), w.dtype, dev))
+            dw = dw_acc
+            if not dw_is_out:
+                dw = empty((v, d), w.dtype, dev)
+                steps.append(_sum_splits(dw_acc, dw))
         if need_db:
-            db = db_acc if db_is_out else _sum_splits(db_acc, empty((v,), b.dtype, dev))
-    return dh, dw, db
+            db = db_acc
+            if not db_is_out:
+                db = empty((v,), b.dtype, dev)
+                steps.append(_sum_splits(db_acc, db))
+    return (dh, dw, db), steps
