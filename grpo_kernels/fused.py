@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, distributed
 from ._checks import check_tensor
 from .backends import LogprobsParams
 from .config import GRPOConfig
@@ -209,6 +209,7 @@ def fused_linear_grpo_loss(
     is_ratio: Optional[Tensor] = None,
     num_items_in_batch: Optional[Number] = None,
     backend: str = "auto",
+    dp_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> GRPOLossOutput:
     """GRPO loss from hidden states and the LM head, without materializing the logits.
 
@@ -228,11 +229,20 @@ def fused_linear_grpo_loss(
         is_ratio: sampler importance-sampling correction, [B, T], [B] or [B, 1].
         num_items_in_batch: token count of the whole accumulated batch over ranks (dapo/cispo/vespo).
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
+        dp_group: the data-parallel group of the dapo/cispo/vespo token normalizer (None: the default
+            group; with a Replicate DTensor hidden, the mesh decides). weight (and bias) may be a
+            DTensor, replicated or sharded along the vocabulary: :mod:`grpo_kernels.distributed` runs
+            those calls (two passes) and documents the collectives and their bytes.
 
     Returns:
         GRPOLossOutput: ``loss`` (scalar, differentiable w.r.t. hidden, weight, bias) and ``metrics``
         (kl when ref_logp is given, clip ratios, entropy).
     """
+    if dp_group is not None or distributed.is_dtensor(hidden, weight, bias, completion_ids, mask, advantages, old_logp,
+                                                      ref_logp, is_ratio):  # grpo_kernels/distributed.py
+        return distributed.fused_linear_grpo_loss(hidden, weight, completion_ids, mask, advantages, config,
+                                                  old_logp=old_logp, ref_logp=ref_logp, bias=bias, is_ratio=is_ratio,
+                                                  num_items_in_batch=num_items_in_batch, backend=backend, dp_group=dp_group)
     fn = "fused_linear_grpo_loss"
     if not isinstance(config, GRPOConfig):
         raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
@@ -283,10 +293,11 @@ class FusedLinearGRPOLoss(nn.Module):
         bias: Optional[Tensor] = None,
         is_ratio: Optional[Tensor] = None,
         num_items_in_batch: Optional[Number] = None,
+        dp_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> GRPOLossOutput:
         return fused_linear_grpo_loss(hidden, weight, completion_ids, mask, advantages, self.config, old_logp=old_logp,
                                       ref_logp=ref_logp, bias=bias, is_ratio=is_ratio,
-                                      num_items_in_batch=num_items_in_batch, backend=self.backend)
+                                      num_items_in_batch=num_items_in_batch, backend=self.backend, dp_group=dp_group)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.config.loss_type!r}, beta={self.config.beta}, backend={self.backend!r}"

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, distributed
 from ._checks import check_float, check_integer, check_positive, check_same_device, check_tensor
 from .backends import LogprobsParams
 
@@ -140,9 +140,16 @@ def linear_logprobs(
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch";
             ``grpo_kernels.last_backend()`` tells which one ran.
 
+    weight (and bias) may be a DTensor, replicated or sharded along the vocabulary, with hidden a
+    plain per-rank tensor or a Replicate DTensor: see :mod:`grpo_kernels.distributed` for the
+    layouts, the collectives and the bytes they move.
+
     Returns:
         logp [...] float32, and entropy [...] float32 when return_entropy.
     """
+    if distributed.is_dtensor(hidden, weight, bias, targets):  # a DTensor LM head: grpo_kernels/distributed.py
+        return distributed.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                           ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
     fn = "linear_logprobs"
     validate_linear_inputs(fn, hidden, weight, targets, bias, temperature, softcap, ignore_index, backend)
     if not isinstance(return_entropy, bool):
