@@ -231,7 +231,7 @@ def _shard_spec(fn: str, layout: Layout, weight: Tensor, hidden_dtype: torch.dty
     mine = torch.tensor([V, D, local_v, coord, n, int(layout.tokens_replicated), int(params.return_entropy),
                          _DTYPE_CODES[hidden_dtype]], dtype=torch.int64, device=weight.to_local().device)
     every = torch.empty(world * mine.numel(), dtype=torch.int64, device=mine.device)
-    dist.all_gather_into_tensor(every, mine, group=group)
+    _all_gather_into(every, mine, group)
     rows = every.reshape(world, -1).cpu().tolist()
     col = lambda j: [r[j] for r in rows]  # noqa: E731
     if len(set(col(0))) > 1:
@@ -258,12 +258,24 @@ def _shard_spec(fn: str, layout: Layout, weight: Tensor, hidden_dtype: torch.dty
 # ---------------------------------------------------------------------------------------------------
 
 
+def _all_gather_into(out: Tensor, x: Tensor, group: object) -> None:
+    """out [W * n, ...] <- every rank's x [n, ...] (all_gather_single where this torch has it)."""
+    dist = torch.distributed
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_into(out: Tensor, x: Tensor, group: object) -> None:
+    """out [n, ...] <- the sum over ranks of this rank's [n, ...] block of x [W * n, ...]."""
+    dist = torch.distributed
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, x, group=group)
+
+
 def _gather_rows(x: Tensor, spec: ShardSpec) -> Tensor:
     """[n_rank, ...] on each rank -> [sum n, ...] in rank order (padded to the longest for the all-gather)."""
     longest = max(spec.counts)
     pad = x if x.shape[0] == longest else torch.cat([x, x.new_zeros((longest - x.shape[0],) + tuple(x.shape[1:]))])
     out = x.new_empty((spec.world * longest,) + tuple(x.shape[1:]))
-    torch.distributed.all_gather_into_tensor(out, pad.contiguous(), group=spec.group)
+    _all_gather_into(out, pad.contiguous(), spec.group)
     if all(c == longest for c in spec.counts):
         return out
     return torch.cat([out[i * longest: i * longest + c] for i, c in enumerate(spec.counts)])
@@ -281,7 +293,7 @@ def _reduce_scatter_rows(x: Tensor, spec: ShardSpec) -> Tensor:
             inp[i * longest: i * longest + c] = x[start: start + c]
             start += c
     out = x.new_empty((longest,) + tuple(x.shape[1:]))
-    torch.distributed.reduce_scatter_tensor(out, inp, group=spec.group)
+    _reduce_scatter_into(out, inp, spec.group)
     return out[: spec.counts[spec.rank]]
 
 

@@ -190,21 +190,29 @@ def ref_tp_logprobs(world: int, seed: int, vocab: int) -> dict:
     return {"logp": logp.detach(), "entropy": ent.detach(), "dh": leaves[0].grad, "dw": leaves[1].grad, "db": leaves[2].grad}
 
 
-def run_tp_logprobs(rank: int, world: int, seed: int, vocab: int) -> dict:
+def _head_placement(name: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(0)] if name == "shard" else [Replicate()]
+
+
+def run_tp_logprobs(rank: int, world: int, seed: int, vocab: int, placement: str = "shard", backend: str = "auto") -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     hidden, weight, b, targets, c_logp, c_ent = head_problem(vocab, 9, seed)
     targets[2] = -100
     h_leaf = hidden.clone().requires_grad_(True)
-    w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
-    bb = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
+    w = distribute_tensor(weight, mesh, _head_placement(placement)).requires_grad_(True)
+    bb = distribute_tensor(b, mesh, _head_placement(placement)).requires_grad_(True)
     h = DTensor.from_local(h_leaf, mesh, [Replicate()])
-    logp, ent = gk.linear_logprobs(h, w, targets, bias=bb, return_entropy=True, **LOGPROB_OPTS)
+    logp, ent = gk.linear_logprobs(h, w, targets, bias=bb, return_entropy=True, backend=backend, **LOGPROB_OPTS)
+    ran = gk.last_backend()
     _logprob_objective(logp, ent, c_logp, c_ent).backward()
     return {"logp": logp.detach(), "entropy": ent.detach(), "dh": h_leaf.grad, "dw": w.grad.full_tensor(),
-            "db": bb.grad.full_tensor(), "local_rows": w.to_local().shape[0], "dh_ranks": _gather_scalars(h_leaf.grad, world)}
+            "db": bb.grad.full_tensor(), "local_rows": w.to_local().shape[0], "dh_ranks": _gather_scalars(h_leaf.grad, world),
+            "backend": ran, "grad_placements": (str(w.grad.placements), str(bb.grad.placements))}
 
 
 def dp_counts(world: int) -> list[int]:
@@ -221,9 +229,9 @@ def ref_dp_logprobs(world: int, seed: int, vocab: int) -> dict:
     return {"logp": logp.detach(), "entropy": ent.detach(), "dh": leaves[0].grad, "dw": leaves[1].grad, "db": leaves[2].grad}
 
 
-def run_dp_logprobs(rank: int, world: int, seed: int, vocab: int) -> dict:
+def run_dp_logprobs(rank: int, world: int, seed: int, vocab: int, placement: str = "shard", backend: str = "auto") -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     counts = dp_counts(world)
@@ -231,10 +239,14 @@ def run_dp_logprobs(rank: int, world: int, seed: int, vocab: int) -> dict:
     targets[1] = -100
     s = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
     h_leaf = hidden[s].clone().requires_grad_(True)
-    w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
-    bb = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
-    logp, ent = gk.linear_logprobs(h_leaf, w, targets[s], bias=bb, return_entropy=True, **LOGPROB_OPTS)
+    w = distribute_tensor(weight, mesh, _head_placement(placement)).requires_grad_(True)
+    bb = distribute_tensor(b, mesh, _head_placement(placement)).requires_grad_(True)
+    logp, ent = gk.linear_logprobs(h_leaf, w, targets[s], bias=bb, return_entropy=True, backend=backend, **LOGPROB_OPTS)
+    ran = gk.last_backend()
     _logprob_objective(logp, ent, c_logp[s], c_ent[s]).backward()
+    if placement == "replicate":  # a Replicate gradient must be the same on every rank
+        every = _gather_scalars(w.grad.to_local(), world)
+        assert bool((every == every[0]).all()), "the replicated head's gradient differs across ranks"
     # each rank's piece of the concatenated batch, gathered (padded to the longest) in rank order
     pieces = {}
     for name, x in (("logp", logp.detach()), ("entropy", ent.detach()), ("dh", h_leaf.grad)):
@@ -243,7 +255,8 @@ def run_dp_logprobs(rank: int, world: int, seed: int, vocab: int) -> dict:
         every = _gather_scalars(pad, world)
         pieces[name] = torch.cat([every[r, : counts[r]] for r in range(world)])
     # the head's gradient is the ranks' mean: W times it is the gradient of the summed objective
-    return {**pieces, "dw": world * w.grad.full_tensor(), "db": world * bb.grad.full_tensor()}
+    return {**pieces, "dw": world * w.grad.full_tensor(), "db": world * bb.grad.full_tensor(), "backend": ran,
+            "grad_placements": (str(w.grad.placements), str(bb.grad.placements))}
 
 
 TP_FUSED_CONFIG = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.02, temperature=0.9, logit_softcap=8.0)
@@ -484,7 +497,11 @@ WORLD_CASES: dict[str, Callable[[int, int, int], dict]] = {
     "fsdp_head_unit": lambda r, w, s: run_model_case("fsdp_head_unit", r, w, s),
     "tp_logprobs": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=13),
     "tp_logprobs_empty_shard": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=4 if w == 3 else 1),
+    "tp_logprobs_replicated": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=13, placement="replicate"),
+    "tp_logprobs_torch": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=13, backend="torch"),
     "dp_logprobs": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13),
+    "dp_logprobs_replicated": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13, placement="replicate"),
+    "dp_logprobs_torch": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13, backend="torch"),
     "tp_fused": run_tp_fused,
     "dp_group": run_dp_group,
     "bf16": run_bf16,

@@ -79,6 +79,7 @@ def case_result(name: str, world: int, seed: int, tmp_root, rank: int = 0) -> di
 
 def close(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
     """fp32 tight: max|ours - ref| <= rtol * (1 + max|ref|)."""
+    ours, ref = ours.detach(), ref.detach()
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert bool(torch.isfinite(ours).all()), f"{name}: non-finite values {ours}"
     err = float((ours.double() - ref.double()).abs().max()) if ref.numel() else 0.0
@@ -103,16 +104,24 @@ def test_wrapped_model_matches_one_process(case, world, seed, tmp_root):
         close(f"grad {name}", got["grads"][name], g)
 
 
+def check_placements_and_backend(case: str, got: dict) -> None:
+    placement = "Replicate()" if case.endswith("replicated") else "Shard(dim=0)"
+    assert got["grad_placements"] == (f"({placement},)",) * 2, got["grad_placements"]
+    if case.endswith("torch"):
+        assert got["backend"] == "torch"
+
+
 @worlds
-@pytest.mark.parametrize("case", ["tp_logprobs", "tp_logprobs_empty_shard"])
+@pytest.mark.parametrize("case", ["tp_logprobs", "tp_logprobs_empty_shard", "tp_logprobs_replicated", "tp_logprobs_torch"])
 def test_tensor_parallel_logprobs(case, world, seed, tmp_root):
-    """Shard(0) weight and bias, Replicate hidden: logp, entropy, dH (the same on every rank), dW, db."""
-    vocab = 13 if case == "tp_logprobs" else (4 if world == 3 else 1)
+    """Shard(0) (or Replicate) weight and bias, Replicate hidden: logp, entropy, dH (the same on every rank), dW, db."""
+    vocab = (4 if world == 3 else 1) if case == "tp_logprobs_empty_shard" else 13
     got = case_result(case, world, seed, tmp_root)
     want = cases.ref_tp_logprobs(world, seed, vocab)
     if case == "tp_logprobs_empty_shard":
         last = case_result(case, world, seed, tmp_root, rank=world - 1)
         assert last["local_rows"] == 0, "the last rank should hold an empty vocabulary shard"
+    check_placements_and_backend(case, got)
     for k in ("logp", "entropy", "dh", "dw", "db"):
         close(k, got[k], want[k])
     for r in range(world):
@@ -120,10 +129,13 @@ def test_tensor_parallel_logprobs(case, world, seed, tmp_root):
 
 
 @worlds
-def test_data_parallel_logprobs_uneven_tokens(world, seed, tmp_root):
-    """Shard(0) head, plain per-rank hidden with different token counts: gathered, reduce-scattered back."""
-    got = case_result("dp_logprobs", world, seed, tmp_root)
+@pytest.mark.parametrize("case", ["dp_logprobs", "dp_logprobs_replicated", "dp_logprobs_torch"])
+def test_data_parallel_logprobs_uneven_tokens(case, world, seed, tmp_root):
+    """Plain per-rank hidden with different token counts: a Shard(0) head gathers them and reduce-scatters dH;
+    a Replicate head computes locally and averages dW. The head's gradient is the ranks' mean."""
+    got = case_result(case, world, seed, tmp_root)
     want = cases.ref_dp_logprobs(world, seed, 13)
+    check_placements_and_backend(case, got)
     for k in ("logp", "entropy", "dh", "dw", "db"):
         close(k, got[k], want[k])
 
@@ -218,3 +230,61 @@ def test_single_process_calls_never_touch_distributed():
     assert not gk.distributed.is_dtensor(h, w, t, None)
     gk.linear_logprobs(h, w, t)
     assert gk.last_backend() in ("cpu", "torch", "triton")
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-rank gloo group in this process (torn down afterwards, so other tests see no process group)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _fused_problem(seed: int):
+    torch.manual_seed(seed)
+    h, w = torch.randn(2, 5, cases.D), torch.randn(13, cases.D)
+    ids, mask, adv = torch.randint(0, 13, (2, 5)), (torch.rand(2, 5) > 0.3).long(), torch.randn(2)
+    return h, w, ids, mask, adv
+
+
+def test_dp_group_needs_a_process_group(seed):
+    import grpo_kernels as gk
+
+    h, w, ids, mask, adv = _fused_problem(seed)
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.0)
+    with pytest.raises(ValueError, match="grpo_loss: dp_group needs an initialized torch.distributed"):
+        gk.grpo_loss(torch.randn(2, 5), adv, mask, cfg, dp_group=object())
+    with pytest.raises(ValueError, match="fused_linear_grpo_loss: dp_group needs an initialized torch.distributed"):
+        gk.fused_linear_grpo_loss(h, w, ids, mask, adv, cfg, dp_group=object())
+
+
+def test_one_rank_group_matches_the_single_process_path(one_process_group, seed):
+    """dp_group with plain tensors, and a Shard(0) head on a 1-rank mesh, give the plain path's loss and gradients."""
+    import grpo_kernels as gk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    h, w, ids, mask, adv = _fused_problem(seed)
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.0, entropy_coef=0.05)
+    with pytest.raises(TypeError, match="grpo_loss: dp_group must be None or a torch.distributed.ProcessGroup; got str"):
+        gk.grpo_loss(torch.randn(2, 5), adv, mask, cfg, entropy=torch.rand(2, 5), dp_group="world")
+
+    def run(weight_of, **kw):
+        hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        weight = weight_of(wl)
+        out = gk.fused_linear_grpo_loss(hl, weight, ids, mask, adv, cfg, **kw)
+        out.loss.backward()
+        dw = wl.grad if wl.grad is not None else weight.grad.full_tensor()
+        return out, hl.grad, dw
+
+    want = run(lambda x: x)
+    mesh = init_device_mesh("cpu", (1,))
+    for label, got in (("dp_group", run(lambda x: x, dp_group=dist.group.WORLD)),
+                       ("Shard(0) on one rank", run(lambda x: distribute_tensor(x.detach(), mesh, [Shard(0)]).requires_grad_(True)))):
+        close(f"{label}: loss", got[0].loss, want[0].loss)
+        for k, v in want[0].metrics.items():
+            close(f"{label}: {k}", got[0].metrics[k], v)
+        close(f"{label}: dh", got[1], want[1])
+        close(f"{label}: dw", got[2], want[2])
