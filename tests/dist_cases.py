@@ -491,6 +491,15 @@ def run_errors(rank: int, world: int, seed: int) -> dict:
 # The worker: one spawn per world size runs every case, so the process start-up is paid once
 # ---------------------------------------------------------------------------------------------------
 
+def triton_runs_here() -> bool:
+    """Triton kernels on CPU tensors: only in the interpreter (tests/conftest.py sets it without CUDA)."""
+    return gk.backends.triton_available() and gk.backends.triton_interpret()
+
+
+def _if_triton(thunk: Callable[[], dict]) -> dict:
+    return thunk() if triton_runs_here() else {"skipped": "Triton is not installed or TRITON_INTERPRET is not 1"}
+
+
 WORLD_CASES: dict[str, Callable[[int, int, int], dict]] = {
     "ddp_module": lambda r, w, s: run_model_case("ddp_module", r, w, s),
     "fsdp_root": lambda r, w, s: run_model_case("fsdp_root", r, w, s),
@@ -499,9 +508,11 @@ WORLD_CASES: dict[str, Callable[[int, int, int], dict]] = {
     "tp_logprobs_empty_shard": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=4 if w == 3 else 1),
     "tp_logprobs_replicated": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=13, placement="replicate"),
     "tp_logprobs_torch": lambda r, w, s: run_tp_logprobs(r, w, s, vocab=13, backend="torch"),
+    "tp_logprobs_triton": lambda r, w, s: _if_triton(lambda: run_tp_logprobs(r, w, s, vocab=13, backend="triton")),
     "dp_logprobs": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13),
     "dp_logprobs_replicated": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13, placement="replicate"),
     "dp_logprobs_torch": lambda r, w, s: run_dp_logprobs(r, w, s, vocab=13, backend="torch"),
+    "dp_logprobs_triton": lambda r, w, s: _if_triton(lambda: run_dp_logprobs(r, w, s, vocab=13, backend="triton")),
     "tp_fused": run_tp_fused,
     "dp_group": run_dp_group,
     "bf16": run_bf16,
