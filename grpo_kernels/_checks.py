@@ -118,6 +118,9 @@ class DataChecks:
         self._items: list[tuple[Tensor, Callable[[], str], type]] = []
 
     def require(self, ok: Tensor, message: Callable[[], str], error: type = ValueError) -> None:
+        full = getattr(ok, "full_tensor", None)  # a DTensor head's check (grpo_kernels.distributed): every rank's verdict
+        if full is not None:
+            ok = full()
         self._items.append((ok.reshape(()), message, error))
 
     def finite(self, name: str, x: Tensor) -> None:

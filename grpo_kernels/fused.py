@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, distributed
 from ._checks import DataChecks, check_config, check_kept_ids, check_lm_head, check_tensor
 from .backends import Backend, FirstPass, LogprobsParams, Needs, first_pass, gradient_pass
 from .config import GRPOConfig
@@ -198,6 +198,7 @@ def fused_linear_grpo_loss(
     is_ratio: Optional[Tensor] = None,
     num_items_in_batch: Optional[Number] = None,
     backend: str = "auto",
+    dp_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> GRPOLossOutput:
     """GRPO loss from hidden states and the LM head, without materializing the logits.
 
@@ -222,6 +223,10 @@ def fused_linear_grpo_loss(
         num_items_in_batch: token count of the whole accumulated batch over ranks (the losses normalized by
             it: ``policy_loss.normalized_by_token_count``): a finite number >= 1 or a one-element tensor.
         backend: "auto", "cpu", "triton" or "torch" (``grpo_kernels.last_backend("fused_linear_grpo_loss")``).
+        dp_group: the data-parallel group of the dapo/cispo/vespo token normalizer (None: the default
+            group; with a Replicate DTensor hidden, the mesh decides). weight (and bias) may be a
+            DTensor, replicated or sharded along the vocabulary: :mod:`grpo_kernels.distributed` runs
+            those calls (two passes) and documents the collectives and their bytes.
 
     The per-token inputs follow :func:`grpo_kernels.grpo_loss`'s finiteness rule (finite wherever
     mask != 0, anything where mask == 0).
@@ -230,6 +235,11 @@ def fused_linear_grpo_loss(
         GRPOLossOutput: ``loss`` (scalar float32, float64 for float64 inputs; differentiable w.r.t.
         hidden, weight, bias) and ``metrics`` (kl when ref_logp is given, clip ratios, entropy).
     """
+    if dp_group is not None or distributed.is_dtensor(hidden, weight, bias, completion_ids, mask, advantages, old_logp,
+                                                      ref_logp, is_ratio):  # grpo_kernels/distributed.py
+        return distributed.fused_linear_grpo_loss(hidden, weight, completion_ids, mask, advantages, config,
+                                                  old_logp=old_logp, ref_logp=ref_logp, bias=bias, is_ratio=is_ratio,
+                                                  num_items_in_batch=num_items_in_batch, backend=backend, dp_group=dp_group)
     check_config(FN, config)
     check_tensor(FN, "hidden", hidden)
     if hidden.dim() != 3:
@@ -282,10 +292,11 @@ class FusedLinearGRPOLoss(nn.Module):
         bias: Optional[Tensor] = None,
         is_ratio: Optional[Tensor] = None,
         num_items_in_batch: Optional[Number] = None,
+        dp_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> GRPOLossOutput:
         return fused_linear_grpo_loss(hidden, weight, completion_ids, mask, advantages, self.config, old_logp=old_logp,
                                       ref_logp=ref_logp, bias=bias, is_ratio=is_ratio,
-                                      num_items_in_batch=num_items_in_batch, backend=self.backend)
+                                      num_items_in_batch=num_items_in_batch, backend=self.backend, dp_group=dp_group)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.config.loss_type!r}, beta={self.config.beta}, backend={self.backend!r}"

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, distributed
 from ._checks import DataChecks, check_lm_head
 from .backends import Backend, LogprobsParams
 
@@ -110,6 +110,10 @@ def linear_logprobs(
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton" or "torch";
             ``grpo_kernels.last_backend()`` tells which one ran.
 
+    weight (and bias) may be a DTensor, replicated or sharded along the vocabulary, with hidden a
+    plain per-rank tensor or a Replicate DTensor: see :mod:`grpo_kernels.distributed` for the
+    layouts, the collectives and the bytes they move.
+
     Returns:
         logp [...] float32 (float64 for float64 inputs), and entropy [...] likewise when return_entropy.
 
@@ -119,6 +123,9 @@ def linear_logprobs(
     materializing oracle has NaN (the tokens, or with a NaN weight row every token). The logits
     ``hidden @ weight.T / temperature`` must fit in float32 (|z| < 3.4e38), as for any fp32 softmax.
     """
+    if distributed.is_dtensor(hidden, weight, bias, targets):  # a DTensor LM head: grpo_kernels/distributed.py
+        return distributed.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                           ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
     fn = "linear_logprobs"
     checks = DataChecks(fn)
     check_lm_head(fn, hidden, weight, targets, "targets", bias, temperature, softcap, ignore_index, checks)

@@ -29,6 +29,9 @@ from ._checks import (DataChecks, check_config, check_float, check_not_meta, che
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
 Number = Union[int, float, Tensor]
+# The data-parallel group of the token normalizer: None (default group), a ProcessGroup, or False
+# (this process alone); see active_token_count.
+DPGroup = Union[None, bool, "torch.distributed.ProcessGroup"]
 
 # ---------------------------------------------------------------------------------------------------
 # Types
@@ -105,8 +108,11 @@ def kl_divergence(logp: Tensor, ref: Tensor, estimator: str) -> Tensor:
 
 
 def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
-    """Weights ``w`` such that the loss is ``sum(w * l)`` for per-token losses ``l`` ([B, T] -> [B, T])."""
+                      dtype: torch.dtype = torch.float32, dp_group: DPGroup = None) -> Tensor:
+    """Weights ``w`` such that the loss is ``sum(w * l)`` for per-token losses ``l`` ([B, T] -> [B, T]).
+
+    ``dp_group`` is the data-parallel group of the dapo/cispo/vespo normalizer (:func:`active_token_count`).
+    """
     m = mask.to(dtype)
     B = m.shape[0]
     lt = config.loss_type
@@ -119,28 +125,41 @@ def reduction_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch: Opti
     if lt == "luspo":
         return m / float(B)
     assert normalized_by_token_count(lt), lt
-    return m / active_token_count(m, num_items_in_batch).to(dtype)
+    return m / active_token_count(m, num_items_in_batch, dp_group).to(dtype)
 
 
-def active_token_count(mask: Tensor, num_items_in_batch: Optional[Union[int, float, Tensor]] = None) -> Tensor:
-    """The dapo/cispo/vespo normalizer: tokens per rank of the whole (accumulated) batch.
+def active_token_count(mask: Tensor, num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+                       dp_group: DPGroup = None) -> Tensor:
+    """The dapo/cispo/vespo normalizer: tokens per data-parallel rank of the whole (accumulated) batch.
 
-    ``num_items_in_batch / world_size`` when given (TRL passes the token count of all gradient
-    accumulation steps and ranks); otherwise this batch's mask sum, all-reduced over ranks,
-    divided by the world size.
+    ``num_items_in_batch / dp_size`` when given (TRL passes the token count of all gradient
+    accumulation steps and ranks); otherwise this batch's mask sum, all-reduced over the
+    data-parallel group, divided by ``dp_size``. Each rank's loss is then its share of the global
+    token mean, so the mean of the ranks' gradients (what DDP and FSDP compute) is the gradient of
+    one process on the concatenated batch.
+
+    The data-parallel group (``dp_group``) is the set of ranks that hold *different* tokens:
+
+    - ``None``: the default process group when torch.distributed is initialized (every rank holds
+      its own tokens), else this process alone.
+    - a ``ProcessGroup``: that group (e.g. ``mesh["dp"].get_group()`` when tensor-parallel ranks
+      hold the same tokens: they must not count them twice).
+    - ``False``: this process alone (no all-reduce, ``dp_size = 1``); what the DTensor path uses
+      for a Replicate (tensor-parallel) hidden state on a mesh that spans every rank.
     """
-    world = 1
     dist = torch.distributed
-    initialized = dist.is_available() and dist.is_initialized()
-    if initialized:
-        world = dist.get_world_size()
+    group = None
+    world = 1
+    if dp_group is not False and dist.is_available() and dist.is_initialized():
+        group = dp_group
+        world = dist.get_world_size(group)
     if num_items_in_batch is not None:
         n = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=mask.device)
         return (n / world).clamp(min=1.0)
     total = mask.to(torch.float64).sum()
-    if initialized:
+    if world > 1:
         total = total.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
     return (total / world).clamp(min=1.0)
 
 
@@ -220,6 +239,7 @@ class LossPlan:
     ref_logp: Optional[Tensor] = None
     is_ratio: Optional[Tensor] = None
     num_items_in_batch: Optional[Number] = None
+    dp_group: DPGroup = None  # the data-parallel group of the token normalizer (active_token_count)
 
     @property
     def token_separable(self) -> bool:
@@ -246,13 +266,14 @@ class LossPlan:
             phi = vespo_weights(_expand_per_sequence(self.advantages, B), torch.zeros(B, T, dtype=dtype, device=self.mask.device),
                                 self.mask, isr, self.config)
         return build_context(self.mask, self.advantages, self.config, old_logp=self.old_logp, ref_logp=self.ref_logp,
-                             is_ratio=self.is_ratio, num_items_in_batch=self.num_items_in_batch, phi=phi, dtype=dtype)
+                             is_ratio=self.is_ratio, num_items_in_batch=self.num_items_in_batch, phi=phi, dtype=dtype,
+                             dp_group=self.dp_group)
 
     def loss(self, logp: Tensor, entropy: Optional[Tensor]) -> GRPOLossOutput:
         """The whole loss from [B, T] log-probs (any plan): :func:`grpo_loss_unchecked`."""
         return grpo_loss_unchecked(logp, self.advantages, self.mask, self.config, old_logp=self.old_logp,
                                    ref_logp=self.ref_logp, is_ratio=self.is_ratio,
-                                   num_items_in_batch=self.num_items_in_batch, entropy=entropy)
+                                   num_items_in_batch=self.num_items_in_batch, entropy=entropy, dp_group=self.dp_group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,6 +293,7 @@ def build_context(
     phi: Optional[Tensor] = None,
     entropy_mask: Optional[Tensor] = None,
     dtype: torch.dtype = torch.float32,
+    dp_group: DPGroup = None,
 ) -> TokenContext:
     """The per-token context over the full [B, T] grid (per-sequence tensors broadcast); weights in dtype."""
     B, T = mask.shape
@@ -288,7 +310,7 @@ def build_context(
         is_ratio=isr,
         phi=None if phi is None else phi.expand(B, T),
         entropy_mask=entropy_mask,
-        loss_w=reduction_weights(mask, config, num_items_in_batch, dtype),
+        loss_w=reduction_weights(mask, config, num_items_in_batch, dtype, dp_group),
         metric_w=metric_w,
         entropy_w=metric_w if config.entropy_coef != 0.0 else None,
     )
@@ -437,6 +459,7 @@ def grpo_loss(
     is_ratio: Optional[Tensor] = None,
     num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
     entropy: Optional[Tensor] = None,
+    dp_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> GRPOLossOutput:
     """GRPO-family loss from per-token log-probs, with TRL's semantics for every loss_type.
 
@@ -451,6 +474,10 @@ def grpo_loss(
         num_items_in_batch: token count of the whole accumulated batch over all ranks (dapo/cispo/vespo).
         entropy: [B, T] per-token entropy; required when config.entropy_coef != 0 or
             config.top_entropy_quantile < 1, reported as the ``entropy`` metric when given.
+        dp_group: the data-parallel process group of the dapo/cispo/vespo token normalizer (the
+            ranks holding different tokens); None: the default group when torch.distributed is
+            initialized. Pass it when tensor-parallel ranks hold the same tokens (see
+            :func:`active_token_count`).
 
     Finiteness (one rule for every per-token input: logp, entropy, old_logp, ref_logp, advantages,
     is_ratio): each must be finite at every token the mask keeps (mask != 0), else a ValueError
@@ -480,17 +507,29 @@ def grpo_loss(
         checks.finite_where("entropy", entropy.detach(), mask != 0)
     elif config.needs_entropy:
         raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
+    check_dp_group(fn, dp_group)
     checks.run()
     return grpo_loss_unchecked(logp, advantages, mask, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
-                      num_items_in_batch=num_items_in_batch, entropy=entropy)
+                               num_items_in_batch=num_items_in_batch, entropy=entropy, dp_group=dp_group)
+
+
+def check_dp_group(fn: str, dp_group: object) -> None:
+    """dp_group is None or a ProcessGroup of an initialized torch.distributed."""
+    if dp_group is None:
+        return
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{fn}: dp_group needs an initialized torch.distributed; got {type(dp_group).__name__} before init_process_group")
+    if not isinstance(dp_group, dist.ProcessGroup):
+        raise TypeError(f"{fn}: dp_group must be None or a torch.distributed.ProcessGroup; got {type(dp_group).__name__}")
 
 
 def grpo_loss_unchecked(logp: Tensor, advantages: Tensor, mask: Tensor, config: GRPOConfig, *,
                         old_logp: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None,
                         is_ratio: Optional[Tensor] = None, num_items_in_batch: Optional[Number] = None,
-                        entropy: Optional[Tensor] = None) -> GRPOLossOutput:
+                        entropy: Optional[Tensor] = None, dp_group: DPGroup = None) -> GRPOLossOutput:
     """:func:`grpo_loss` without validation, for callers that validated the same inputs already
-    (the fused loss, integrations). Same arguments, shapes and result; weights in logp's dtype."""
+    (the fused loss, the DTensor path, integrations). Same arguments, shapes and result; weights in logp's dtype."""
     B, T = logp.shape
     old = logp.detach() if old_logp is None else old_logp
     phi = None
@@ -501,7 +540,8 @@ def grpo_loss_unchecked(logp: Tensor, advantages: Tensor, mask: Tensor, config: 
     if config.top_entropy_quantile < 1.0:
         emask = top_entropy_mask(entropy.detach(), mask, config.top_entropy_quantile)
     ctx = build_context(mask, advantages, config, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio,
-                        num_items_in_batch=num_items_in_batch, phi=phi, entropy_mask=emask, dtype=logp.dtype)
+                        num_items_in_batch=num_items_in_batch, phi=phi, entropy_mask=emask, dtype=logp.dtype,
+                        dp_group=dp_group)
     log_weight = None
     if config.importance_sampling_level == "sequence":
         log_weight = sequence_log_weight(logp, old, mask)

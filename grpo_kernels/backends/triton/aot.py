@@ -185,7 +185,7 @@ class LogprobsCase:
         w = torch.empty(self.v, self.d, dtype=dt, device=meta)
         b = torch.empty(self.v, dtype=dt, device=meta) if self.bias else None
         t = torch.empty(self.n, dtype=torch.int64, device=meta)
-        p = LogprobsParams(softcap=30.0 if self.softcap else None, return_entropy=self.entropy)
+        p = LogprobsParams.make(1.0, 30.0 if self.softcap else None, self.entropy)
         cfg = L.cuda_config(dt, SM_COUNT[self.arch], self.arch)
         if self.split_dz:
             from dataclasses import replace
