@@ -10,7 +10,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
+#include "tile_engine.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -52,36 +52,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up2(int64_t x) { return (x + 1) & ~int64_t(1); }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-bool use_vnni(int64_t d) {
-  if constexpr (std::is_same_v<T, float>) {
-    return false;
-  } else {
-    // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
-    return d % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  }
-}
-
-// Row-major C [m, n] (+)= A [m, k] B [k, n] with fp32 C. 16-bit: ATen's brgemm (B in VNNI pairs when
-// vnni). fp32: at::mm on strided views, the sgemm torch.mm runs, about twice as fast here as brgemm's
-// fp32 fallback.
-template <typename T>
-void tile_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
-               const T* b, float* c, bool vnni) {
-  if constexpr (std::is_same_v<T, float>) {
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, f32);
-    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32);
-    at::Tensor bt = at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32);
-    if (add)
-      ct.addmm_(at_, bt);
-    else
-      at::mm_out(ct, at_, bt);
-  } else {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, vnni);
-  }
-}
 
 // Elementwise transform of raw logits (fp32 GEMM output + bias): temperature, then soft-capping.
 struct Transform {
@@ -522,7 +492,8 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   const T* wp = w.data_ptr<T>();
   const T* bp = b ? b->data_ptr<T>() : nullptr;
   const int64_t* tp = t.data_ptr<int64_t>();
-  const bool vnni = use_vnni<T>(D);
+  const Engine eng = opt.engine;
+  const bool vnni = use_vnni<T>(eng, D);
   const bool want_q = ent_out.has_value();
   const Transform tr(opt);
   const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
@@ -556,7 +527,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
           const int64_t v0 = blk * kVocabBlock, vb = std::min(kVocabBlock, V - v0);
           for (int64_t c = 0; c < nchunks; ++c) {
             const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-            tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed.data() + c * D * kLd, tile.data(), vnni);
+            tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + v0 * D, packed.data() + c * D * kLd, tile.data(), vnni);
             for (int64_t n = 0; n < mc; ++n) {
               const int64_t tg = tp[s0 + n0 + n], r = tg - v0;
               if (r >= 0 && r < vb) zt[n0 + n] = tr.apply(tile[r * kLd + n] + bias_at(bp, tg));
@@ -571,7 +542,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
           }
         }
       }
-      if (vnni) at::native::cpublas::brgemm_release(true);
+      release(eng);
     });
     if (kept) std::memcpy(kl.target_logits(kept), zt.data(), sn * sizeof(float));
     float* logp = logp_out.data_ptr<float>() + s0;
@@ -607,7 +578,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const T* wp = w.data_ptr<T>();
   const T* bp = b ? b->data_ptr<T>() : nullptr;
   const int64_t* tp = t.data_ptr<int64_t>();
-  const bool vnni = use_vnni<T>(D);
+  const Engine eng = opt.engine;
+  const bool vnni = use_vnni<T>(eng, D);
   const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
   const Transform tr(opt);
   const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
@@ -681,7 +653,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 gin.g_ent += n0;
                 gin.mean_z += n0;
               }
-              tile_gemm<T>(vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
+              tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
                            vnni);
               grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin,
                                need_db ? db_rows.data() + bi * kVocabBlock : nullptr);
@@ -694,7 +666,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               if (vnni && need_dw) {
                 // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
                 Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
-                tile_gemm<T>(D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0, dz_pairs.data(),
+                tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0, dz_pairs.data(),
                              dwt.data(), true);
               }
             }
@@ -703,7 +675,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 for (int64_t k = 0; k < D; ++k)
                   for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
               } else {
-                tile_gemm<T>(vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
+                tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
               }
               flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
                           si == 0);
@@ -719,14 +691,14 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 bz = dz_vnni.data();
                 ldb = kLd;
               }
-              tile_gemm<T>(D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+              tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
             }
           }
           if (need_db)
             for (int64_t r = 0; r < gv; ++r) db_acc[v0 + r] += db_rows[r];
         }
       }
-      if (vnni) at::native::cpublas::brgemm_release(true);
+      release(eng);
     });
 
     if (need_dh) {
@@ -764,8 +736,9 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 // forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
 // (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
 // forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
-// residual) is re-read and re-written once per chunk. Plain GEMM path only (row-major operands, no
-// VNNI packing); on AMX the caller runs two passes instead.
+// residual) is re-read and re-written once per chunk. Its GEMMs take row-major operands (no VNNI
+// packing), which every engine runs at speed: on AMX, ATen's brgemm on unpacked operands measured
+// 820-990 GFLOP/s per thread at these shapes, as fast as on packed ones.
 template <typename T>
 void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                          const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,
@@ -774,7 +747,8 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
                          c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
                          c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
-  TORCH_INTERNAL_ASSERT(N <= kTokenChunk && !use_vnni<T>(D));
+  const Engine eng = opt.engine;
+  TORCH_INTERNAL_ASSERT(N <= kTokenChunk);
   const T* hp = h.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   const T* bp = b ? b->data_ptr<T>() : nullptr;
@@ -827,7 +801,7 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
               at::vec::convert(z, dzt.data(), vb * kLd);
               a = dzt.data();
             }
-            tile_gemm<T>(vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
+            tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
             flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
           }
           if (need_dh) {
@@ -838,11 +812,12 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
                 for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
           }
         }
-        if (need_dh) tile_gemm<T>(N, D, gv, ldg, D, D, true, dz.data(), wp + v0 * D, my_dh, false);
+        if (need_dh) tile_gemm<T>(eng, N, D, gv, ldg, D, D, true, dz.data(), wp + v0 * D, my_dh, false);
         if (dbp)
           for (int64_t r = 0; r < gv; ++r) dbp[v0 + r] += db_rows[r];
       }
     }
+     release(eng);
   });
 
   if (need_dh) {
@@ -893,6 +868,7 @@ void check_kept(const at::Tensor& h, const at::Tensor& w, const at::Tensor& kept
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
              const LogprobsOptions& opt, at::Tensor& logp, at::Tensor& lse, c10::optional<at::Tensor> entropy) {
   check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
   if (h.size(0) == 0) return;
   GRPO_DISPATCH(h.scalar_type(), [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy); });
 }
@@ -902,6 +878,7 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
               const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
               c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
   check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
   if (h.size(0) == 0) {
     if (dw) dw->zero_();
@@ -926,6 +903,7 @@ void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional
                    const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
                    c10::optional<at::Tensor> entropy) {
   check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
   check_kept(h, w, kept);
   GRPO_DISPATCH(h.scalar_type(),
                 [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<uint8_t>()); });
@@ -937,10 +915,9 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
                     c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
                     c10::optional<at::Tensor> db_acc, bool accumulate) {
   check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
   check_kept(h, w, kept);
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
-  TORCH_CHECK(gemm_path(h.scalar_type(), h.size(1)) == "plain",
-              "grpo_kernels._C: the one-pass schedule runs on the plain GEMM path only");
   TORCH_CHECK(!dw_lo || (dw && dw_lo->scalar_type() == at::kChar && dw_lo->numel() == dw->numel()),
               "grpo_kernels._C: dw_lo must be int8 like dw");
   TORCH_CHECK(!accumulate || !dw || dw_lo || h.scalar_type() == at::kFloat,
@@ -953,10 +930,11 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
   });
 }
 
-std::string gemm_path(at::ScalarType dtype, int64_t d) {
+std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
+  check_engine(engine, dtype);
   bool vnni = false;
-  GRPO_DISPATCH(dtype, [&] { vnni = use_vnni<scalar_t>(d); });
-  return vnni ? "amx-vnni" : "plain";
+  GRPO_DISPATCH(dtype, [&] { vnni = use_vnni<scalar_t>(engine, d); });
+  return std::string(engine_name(engine)) + (vnni ? "/amx-vnni" : "/plain");
 }
 
 }  // namespace grpo_kernels

@@ -2,16 +2,15 @@
 
 The kernels write into outputs allocated here (``backends.empty``: NaN in test poison mode).
 
-``forward_backward`` (the fused GRPO loss) picks its schedule by the GEMM path of the machine:
-- plain (AVX2/AVX-512 machines, and fp32 everywhere): one pass, three GEMMs per token. Chunks of
-  at most 256 tokens keep exp(logit - running max) per logit (bf16 for 16-bit inputs: 83 MB for
-  256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
-  add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so
-  it is rounded as if accumulated in fp32.
-- amx-vnni (16-bit inputs on AMX): two passes, four GEMMs per token (forward, then the
-  recomputing backward), whose GEMMs take VNNI-packed operands. The one-pass gradient step runs
-  its dH and dW GEMMs on unpacked operands; a packed variant has not been built, as no AMX
-  machine was at hand to test and time it against the two passes.
+The tile-GEMM engine of every call is ``cpu_engines.engine_for(dtype)`` (the user's choice through
+GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` names it.
+
+``forward_backward`` (the fused GRPO loss) runs one pass, three GEMMs per token, on every engine.
+Chunks of at most 256 tokens keep exp(logit - running max) per logit (bf16 for 16-bit inputs: 83 MB
+for 256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
+add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so it
+is rounded as if accumulated in fp32. (The two-pass schedule, four GEMMs per token, remains for
+tests and for a caller that forces it.)
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import LogprobsParams, cpu_extension, empty
+from . import LogprobsParams, cpu_engines, cpu_extension, empty
 
 # Tokens per super-chunk (a multiple of 256); 0 lets the kernel size it from its memory budget.
 # Tests set it small to exercise dW accumulation across super-chunks on small inputs.
@@ -38,8 +37,8 @@ def _ext():
 
 
 def gemm_path(dtype: torch.dtype, d: int) -> str:
-    """'amx-vnni' when bf16/fp16 tiles run on AMX with packed operands here, else 'plain'."""
-    return _ext().gemm_path(dtype, d)
+    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/amx-vnni' or 'mkl/plain'."""
+    return cpu_engines.gemm_path(dtype, d)
 
 
 def _inputs(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor):
@@ -55,7 +54,8 @@ def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsPar
     logp = empty((n,), torch.float32, h.device)
     lse = empty((n,), torch.float32, h.device)
     ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
-    _ext().forward(h, w, b, t, p.temperature, p.softcap, SUPER_CHUNK_TOKENS, logp, lse, ent)
+    _ext().forward(h, w, b, t, p.temperature, p.softcap, SUPER_CHUNK_TOKENS, cpu_engines.engine_for(h.dtype), logp,
+                   lse, ent)
     return logp, ent, lse
 
 
@@ -67,13 +67,14 @@ def backward(h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs):
     db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
     _ext().backward(h, w, b, t, lse.float().contiguous(), None if ent is None else ent.float().contiguous(),
                     g_logp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
-                    p.temperature, p.softcap, SUPER_CHUNK_TOKENS, dh, dw, db)
+                    p.temperature, p.softcap, SUPER_CHUNK_TOKENS, cpu_engines.engine_for(h.dtype), dh, dw, db)
     return dh, dw, db
 
 
 def one_pass(dtype: torch.dtype, d: int) -> bool:
-    """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size."""
-    return gemm_path(dtype, d) == "plain"
+    """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size:
+    on every engine (its gradient GEMMs take unpacked operands, which each engine runs at speed)."""
+    return True
 
 
 def forward_backward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams, coef_fn, needs):
@@ -91,6 +92,7 @@ def _two_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
 
 def _one_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
     ext = _ext()
+    engine = cpu_engines.engine_for(h.dtype)
     n, (v, d) = h.shape[0], w.shape
     chunk = FUSED_CHUNK_TOKENS or ext.fused_chunk_tokens(n, v, d, h.dtype)
     kept = torch.empty(ext.kept_bytes(min(chunk, n), v, h.dtype), dtype=torch.uint8)
@@ -105,10 +107,10 @@ def _one_pass_schedule(h, w, b, t, p: LogprobsParams, coef_fn, needs):
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         en = None if ent is None else ent[s:e]
-        ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, kept, logp[s:e], lse[s:e], en)
+        ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, engine, kept, logp[s:e], lse[s:e], en)
         g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
         ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, g_logp.float().contiguous(),
-                           None if g_ent is None else g_ent.float().contiguous(), p.temperature, p.softcap,
+                           None if g_ent is None else g_ent.float().contiguous(), p.temperature, p.softcap, engine,
                            None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
     db = None if db_acc is None else db_acc.to(b.dtype)
     return logp, ent, dh, dw, db
