@@ -59,8 +59,5 @@ int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype
 // Bytes of the workspace chunk_forward keeps for chunk_backward, for a chunk of n tokens.
 int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype);
 
-// The GEMM path an engine takes here for a dtype and hidden size: "<engine>/amx-vnni" (packed operands
-// on AMX) or "<engine>/plain".
-std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
 
 }  // namespace grpo_kernels

@@ -175,6 +175,14 @@ static double tile_gflops_impl(Engine e, int64_t d, int64_t reps) {
   return 2.0 * kM * kN * d * reps * nthreads / best * 1e-9;
 }
 
+std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
+  check_engine(engine, dtype);
+  const bool vnni = dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(engine, d)
+                    : dtype == at::kHalf   ? use_vnni<at::Half>(engine, d)
+                                           : false;
+  return std::string(engine_name(engine)) + (vnni ? "/amx-vnni" : "/plain");
+}
+
 double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
   check_engine(e, dtype);
   switch (dtype) {

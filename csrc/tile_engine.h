@@ -37,6 +37,9 @@ template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni);
 
+// "<engine>/amx-vnni" (packed operands on AMX) or "<engine>/plain".
+std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
+
 // Ends a thread's run of tile GEMMs (releases brgemm's AMX tile configuration).
 void release(Engine e);
 
