@@ -83,58 +83,58 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               if (need_dh) Packer<T>::w_transposed(wp + g.v0 * D, g.rows, D, kv, wt_ld, wt.data());
             },
             [&](const VocabGroup&, const VocabBlock& blk) {
-            const int64_t bv0 = blk.v0, vb = blk.rows;
-            T* dzt_block = dzt.data() + blk.in_group * kVocabBlock * s_ld;
-            for (int64_t c = 0; c < nchunks; ++c) {
-              const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-              GradInputs gin = gin_base;
-              gin.lse += n0;
-              gin.g_logp += n0;
-              if (gin.g_ent) {
-                gin.g_ent += n0;
-                gin.mean_z += n0;
+              const int64_t bv0 = blk.v0, vb = blk.rows;
+              T* dzt_block = dzt.data() + blk.in_group * kVocabBlock * s_ld;
+              for (int64_t c = 0; c < nchunks; ++c) {
+                const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+                GradInputs gin = gin_base;
+                gin.lse += n0;
+                gin.g_logp += n0;
+                if (gin.g_ent) {
+                  gin.g_ent += n0;
+                  gin.mean_z += n0;
+                }
+                tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd,
+                             tile.data(), vnni);
+                grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin, blk.db_rows);
+                for (int64_t r = 0; r < vb; ++r) {
+                  if constexpr (std::is_same_v<T, float>)
+                    std::memcpy(dzt_block + r * s_ld + n0, tile.data() + r * kLd, mc * sizeof(float));
+                  else
+                    at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
+                }
+                if (vnni && need_dw) {
+                  // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
+                  Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
+                  tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0,
+                               dz_pairs.data(), dwt.data(), true);
+                }
               }
-              tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd, tile.data(),
-                           vnni);
-              grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin, blk.db_rows);
-              for (int64_t r = 0; r < vb; ++r) {
-                if constexpr (std::is_same_v<T, float>)
-                  std::memcpy(dzt_block + r * s_ld + n0, tile.data() + r * kLd, mc * sizeof(float));
-                else
-                  at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
+              if (need_dw) {
+                if (vnni) {
+                  for (int64_t k = 0; k < D; ++k)
+                    for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
+                } else {
+                  tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
+                }
+                flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
+                            si == 0);
               }
-              if (vnni && need_dw) {
-                // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
-                Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
-                tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0, dz_pairs.data(),
-                             dwt.data(), true);
-              }
-            }
-            if (need_dw) {
-              if (vnni) {
-                for (int64_t k = 0; k < D; ++k)
-                  for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
-              } else {
-                tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
-              }
-              flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
-                          si == 0);
-            }
             },
             [&](const VocabGroup& g) {
-          if (need_dh) {
-            for (int64_t c = 0; c < nchunks; ++c) {
-              const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-              const T* bz = dzt.data() + n0;
-              int64_t ldb = s_ld;
-              if (vnni) {
-                Packer<T>::interleave_rows(bz, g.rows, mc, s_ld, kLd, dz_vnni.data());
-                bz = dz_vnni.data();
-                ldb = kLd;
+              if (need_dh) {
+                for (int64_t c = 0; c < nchunks; ++c) {
+                  const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+                  const T* bz = dzt.data() + n0;
+                  int64_t ldb = s_ld;
+                  if (vnni) {
+                    Packer<T>::interleave_rows(bz, g.rows, mc, s_ld, kLd, dz_vnni.data());
+                    bz = dz_vnni.data();
+                    ldb = kLd;
+                  }
+                  tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+                }
               }
-              tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
-            }
-          }
             });
       }
       release(eng);

@@ -17,8 +17,8 @@ grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> 
 }
 
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
-             double temperature, c10::optional<double> softcap, int64_t super_chunk, const std::string& engine, at::Tensor logp, at::Tensor lse,
-             c10::optional<at::Tensor> entropy) {
+             double temperature, c10::optional<double> softcap, int64_t super_chunk, const std::string& engine,
+             at::Tensor logp, at::Tensor lse, c10::optional<at::Tensor> entropy) {
   py::gil_scoped_release no_gil;
   grpo_kernels::forward(h, w, b, t, options(temperature, softcap, super_chunk, engine), logp, lse, entropy);
 }
@@ -26,16 +26,16 @@ void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::T
 void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
               const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
               const c10::optional<at::Tensor>& g_ent, double temperature, c10::optional<double> softcap,
-              int64_t super_chunk, const std::string& engine, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
-              c10::optional<at::Tensor> db) {
+              int64_t super_chunk, const std::string& engine, c10::optional<at::Tensor> dh,
+              c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap, super_chunk, engine), dh, dw,
-                         db);
+  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap, super_chunk, engine),
+                         dh, dw, db);
 }
 
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
-                   double temperature, c10::optional<double> softcap, const std::string& engine, at::Tensor kept, at::Tensor logp, at::Tensor lse,
-                   c10::optional<at::Tensor> entropy) {
+                   double temperature, c10::optional<double> softcap, const std::string& engine, at::Tensor kept,
+                   at::Tensor logp, at::Tensor lse, c10::optional<at::Tensor> entropy) {
   py::gil_scoped_release no_gil;
   grpo_kernels::chunk_forward(h, w, b, t, options(temperature, softcap, 0, engine), kept, logp, lse, entropy);
 }
@@ -43,11 +43,12 @@ void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional
 void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                     at::Tensor kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                     const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, double temperature,
-                    c10::optional<double> softcap, const std::string& engine, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
-                    c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
+                    c10::optional<double> softcap, const std::string& engine, c10::optional<at::Tensor> dh,
+                    c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc,
+                    bool accumulate) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0, engine), dh, dw,
-                               dw_lo, db_acc, accumulate);
+  grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0, engine),
+                               dh, dw, dw_lo, db_acc, accumulate);
 }
 
 }  // namespace
@@ -59,15 +60,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("super_chunk"), py::arg("engine"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
   m.def("backward", &backward, "dh, dw, db of sum(g_logp * logp + g_ent * entropy)", py::arg("h"), py::arg("w"),
         py::arg("b"), py::arg("t"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_ent"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("engine"), py::arg("dh"), py::arg("dw"),
-        py::arg("db"));
+        py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("engine"), py::arg("dh"),
+        py::arg("dw"), py::arg("db"));
   m.def("chunk_forward", &chunk_forward, "forward of one one-pass chunk, keeping its logits", py::arg("h"),
-        py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("kept"),
-        py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+        py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"),
+        py::arg("kept"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
   m.def("chunk_backward", &chunk_backward, "dh, dw (accumulated), db_acc of one one-pass chunk from its kept logits",
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("kept"), py::arg("lse"), py::arg("entropy"),
-        py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("dh"), py::arg("dw"),
-        py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
+        py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("dh"),
+        py::arg("dw"), py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
   m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
   m.def(

@@ -58,38 +58,38 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
       for_each_vocab_group(
           part, tid, V, dbp, db_rows, [](const VocabGroup&) {},
           [&](const VocabGroup&, const VocabBlock& b) {
-          const int64_t blk = b.index, bv0 = b.v0, vb = b.rows;
-          float* z = tile.data();
-          const KeptT<T>* e = kl.tile<KeptT<T>>(kept, blk);
-          for (int64_t r = 0; r < vb; ++r) {
-            if constexpr (std::is_same_v<KeptT<T>, float>)
-              std::memcpy(z + r * kLd, e + r * kl.ld, N * sizeof(float));
-            else
-              at::vec::convert(e + r * kl.ld, z + r * kLd, N);
-          }
-          grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin, b.db_rows);
-          if (need_dw) {
-            const T* a = reinterpret_cast<const T*>(z);
-            if constexpr (!std::is_same_v<T, float>) {
-              at::vec::convert(z, dzt.data(), vb * kLd);
-              a = dzt.data();
+            const int64_t blk = b.index, bv0 = b.v0, vb = b.rows;
+            float* z = tile.data();
+            const KeptT<T>* e = kl.tile<KeptT<T>>(kept, blk);
+            for (int64_t r = 0; r < vb; ++r) {
+              if constexpr (std::is_same_v<KeptT<T>, float>)
+                std::memcpy(z + r * kLd, e + r * kl.ld, N * sizeof(float));
+              else
+                at::vec::convert(e + r * kl.ld, z + r * kLd, N);
             }
-            tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
-            flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
-          }
-          if (need_dh) {
-            T* out = dz.data() + b.in_group * kVocabBlock;
-            constexpr int64_t kB = 16;
-            for (int64_t r0 = 0; r0 < vb; r0 += kB)
-              for (int64_t n = 0; n < N; ++n)
-                for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
-          }
+            grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin, b.db_rows);
+            if (need_dw) {
+              const T* a = reinterpret_cast<const T*>(z);
+              if constexpr (!std::is_same_v<T, float>) {
+                at::vec::convert(z, dzt.data(), vb * kLd);
+                a = dzt.data();
+              }
+              tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
+              flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
+            }
+            if (need_dh) {
+              T* out = dz.data() + b.in_group * kVocabBlock;
+              constexpr int64_t kB = 16;
+              for (int64_t r0 = 0; r0 < vb; r0 += kB)
+                for (int64_t n = 0; n < N; ++n)
+                  for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
+            }
           },
           [&](const VocabGroup& g) {
             if (need_dh) tile_gemm<T>(eng, N, D, g.rows, ldg, D, D, true, dz.data(), wp + g.v0 * D, my_dh, false);
           });
     }
-     release(eng);
+    release(eng);
   });
 
   if (need_dh) {

@@ -105,7 +105,8 @@ def test_engine_forced_per_dtype(monkeypatch):
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("cublas", "engine one of"), ("bf16=cublas", "engine one of"), ("int8=mkl", "dtype=engine"), ("bf16", "engine one of")],
+    [("cublas", "engine one of"), ("bf16=cublas", "engine one of"), ("int8=mkl", "dtype=engine"),
+     ("bf16", "engine one of")],
 )
 def test_bad_engine_setting_is_rejected(spec, message, monkeypatch):
     monkeypatch.setenv(ENV, spec)
