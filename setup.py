@@ -22,7 +22,7 @@ def extensions():
     arch = os.environ.get("GRPO_KERNELS_CPU_ARCH", "native")
     ext = CppExtension(
         "grpo_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/logprobs_cpu.cpp"],
+        sources=[f"csrc/{name}.cpp" for name in ("bindings", "tile_engine", "forward", "backward", "one_pass")],
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
         extra_compile_args=["-O3", f"-march={arch}", "-fopenmp", "-std=c++17"],
         extra_link_args=["-fopenmp"],

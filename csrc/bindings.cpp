@@ -6,8 +6,10 @@
 
 namespace {
 
-grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap, int64_t super_chunk) {
+grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap, int64_t super_chunk,
+                                      const std::string& engine) {
   grpo_kernels::LogprobsOptions o;
+  o.engine = grpo_kernels::parse_engine(engine);
   o.temperature = temperature;
   o.softcap = softcap.value_or(0.0);
   o.super_chunk = super_chunk;
@@ -15,37 +17,38 @@ grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> 
 }
 
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
-             double temperature, c10::optional<double> softcap, int64_t super_chunk, at::Tensor logp, at::Tensor lse,
-             c10::optional<at::Tensor> entropy) {
+             double temperature, c10::optional<double> softcap, int64_t super_chunk, const std::string& engine,
+             at::Tensor logp, at::Tensor lse, c10::optional<at::Tensor> entropy) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::forward(h, w, b, t, options(temperature, softcap, super_chunk), logp, lse, entropy);
+  grpo_kernels::forward(h, w, b, t, options(temperature, softcap, super_chunk, engine), logp, lse, entropy);
 }
 
 void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
               const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
               const c10::optional<at::Tensor>& g_ent, double temperature, c10::optional<double> softcap,
-              int64_t super_chunk, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
-              c10::optional<at::Tensor> db) {
+              int64_t super_chunk, const std::string& engine, c10::optional<at::Tensor> dh,
+              c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap, super_chunk), dh, dw,
-                         db);
+  grpo_kernels::backward(h, w, b, t, lse, entropy, g_logp, g_ent, options(temperature, softcap, super_chunk, engine),
+                         dh, dw, db);
 }
 
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
-                   double temperature, c10::optional<double> softcap, at::Tensor kept, at::Tensor logp, at::Tensor lse,
-                   c10::optional<at::Tensor> entropy) {
+                   double temperature, c10::optional<double> softcap, const std::string& engine, at::Tensor kept,
+                   at::Tensor logp, at::Tensor lse, c10::optional<at::Tensor> entropy) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::chunk_forward(h, w, b, t, options(temperature, softcap, 0), kept, logp, lse, entropy);
+  grpo_kernels::chunk_forward(h, w, b, t, options(temperature, softcap, 0, engine), kept, logp, lse, entropy);
 }
 
 void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                     at::Tensor kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                     const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, double temperature,
-                    c10::optional<double> softcap, c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
-                    c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
+                    c10::optional<double> softcap, const std::string& engine, c10::optional<at::Tensor> dh,
+                    c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc,
+                    bool accumulate) {
   py::gil_scoped_release no_gil;
-  grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0), dh, dw,
-                               dw_lo, db_acc, accumulate);
+  grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0, engine),
+                               dh, dw, dw_lo, db_acc, accumulate);
 }
 
 }  // namespace
@@ -54,20 +57,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grpo_kernels C++ CPU kernels: streamed per-token log-probs, entropy and their gradients";
   m.def("forward", &forward, "logp, lse (and entropy) of targets without materializing logits",
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("super_chunk"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+        py::arg("super_chunk"), py::arg("engine"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
   m.def("backward", &backward, "dh, dw, db of sum(g_logp * logp + g_ent * entropy)", py::arg("h"), py::arg("w"),
         py::arg("b"), py::arg("t"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_ent"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("dh"), py::arg("dw"),
-        py::arg("db"));
+        py::arg("temperature"), py::arg("softcap"), py::arg("super_chunk"), py::arg("engine"), py::arg("dh"),
+        py::arg("dw"), py::arg("db"));
   m.def("chunk_forward", &chunk_forward, "forward of one one-pass chunk, keeping its logits", py::arg("h"),
-        py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"), py::arg("kept"),
-        py::arg("logp"), py::arg("lse"), py::arg("entropy"));
+        py::arg("w"), py::arg("b"), py::arg("t"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"),
+        py::arg("kept"), py::arg("logp"), py::arg("lse"), py::arg("entropy"));
   m.def("chunk_backward", &chunk_backward, "dh, dw (accumulated), db_acc of one one-pass chunk from its kept logits",
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("kept"), py::arg("lse"), py::arg("entropy"),
-        py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("dh"), py::arg("dw"),
-        py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
+        py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("dh"),
+        py::arg("dw"), py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
   m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
-  m.def("gemm_path", &grpo_kernels::gemm_path, "GEMM path for a dtype and hidden size: 'amx-vnni' or 'plain'");
+  m.def(
+      "gemm_path",
+      [](at::ScalarType dtype, int64_t d, const std::string& engine) {
+        return grpo_kernels::gemm_path(dtype, d, grpo_kernels::parse_engine(engine));
+      },
+      "GEMM path of an engine for a dtype and hidden size: '<engine>/amx-vnni' or '<engine>/plain'");
+  m.def(
+      "engine_unavailable",
+      [](const std::string& engine, at::ScalarType dtype) {
+        return grpo_kernels::engine_unavailable(grpo_kernels::parse_engine(engine), dtype);
+      },
+      "'' when an engine runs tiles of a dtype here, else the reason it cannot");
+  m.def("has_amx", &grpo_kernels::has_amx, "whether 16-bit tiles of a dtype run on AMX here");
+  m.def(
+      "tile_gflops",
+      [](const std::string& engine, at::ScalarType dtype, int64_t d, int64_t reps) {
+        py::gil_scoped_release no_gil;
+        return grpo_kernels::tile_gflops(grpo_kernels::parse_engine(engine), dtype, d, reps);
+      },
+      "GFLOP/s of an engine on the forward's [256 x 256 x d] tile, all threads at once");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

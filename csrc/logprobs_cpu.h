@@ -2,9 +2,8 @@
 //
 // Both passes walk the vocabulary in blocks of kVocabBlock rows (each thread owns a fixed range of
 // blocks) and the tokens in chunks of kTokenChunk, so one logits tile [kVocabBlock, kTokenChunk]
-// lives in a thread's L2 at a time. 16-bit GEMM tiles run through ATen's brgemm with fp32 outputs
-// (bf16 x bf16 -> fp32, on AMX at bf16 speed), so the logits keep fp32 accuracy; fp32 tiles run on
-// at::mm.
+// lives in a thread's L2 at a time. GEMM tiles run on the engine the caller chose (tile_engine.h),
+// always with fp32 outputs (bf16 x bf16 -> fp32 for 16-bit inputs), so the logits keep fp32 accuracy.
 //
 // forward:  logits tile -> online max / sum-exp / sum p(z - max) per token -> logp, lse, entropy.
 // backward: per vocab block, for every token chunk: recompute the tile, form dLoss/dlogits, then
@@ -12,9 +11,17 @@
 // one pass: for a loss whose dLoss/dlogp is known per token once that token's logp is (GRPO), token
 //           chunks run chunk_forward (keeping exp(z - running max) per logit), the caller's coefficients,
 //           then chunk_backward (dW and dH from what was kept): three GEMMs per token instead of four.
+//
+// Files: tile_engine.{h,cpp} (the GEMM engines behind one interface), common.h (tile sizes, budgets, the
+// logit transform, checks), packing.h (operand transposes / VNNI packing), tiles.h (per-logit math of a
+// tile and the one-pass kept workspace), dw_accumulator.h (the compensated 16-bit dW), backward_loop.h
+// (the vocab-group loop both backward schedules share), forward.cpp, backward.cpp (two passes),
+// one_pass.cpp (the one-pass gradient step), bindings.cpp.
 #pragma once
 
 #include <torch/extension.h>
+
+#include "tile_engine.h"
 
 namespace grpo_kernels {
 
@@ -22,6 +29,7 @@ struct LogprobsOptions {
   double temperature = 1.0;
   double softcap = 0.0;         // 0: no soft-capping
   int64_t super_chunk = 0;      // tokens per super-chunk (a multiple of 256); 0: from the memory budget
+  Engine engine = Engine::kBrgemm;  // the tile-GEMM engine (tile_engine.h)
 };
 
 // h [N, D], w [V, D] (same dtype: float32, bfloat16 or float16), b [V] or None, t [N] int64 in [0, V).
@@ -57,7 +65,5 @@ int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype
 // Bytes of the workspace chunk_forward keeps for chunk_backward, for a chunk of n tokens.
 int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype);
 
-// Which GEMM path this machine takes for a dtype and hidden size: "amx-vnni" or "plain".
-std::string gemm_path(at::ScalarType dtype, int64_t d);
 
 }  // namespace grpo_kernels

@@ -4,7 +4,7 @@ Issue 11 ("no silent wrong answers"). Each case asserts one of two outcomes:
 
 - an error whose message has the library's shape ``<fn>: <arg> <expected>; got <actual>``: it starts
   with the function's name and names the offending argument (:func:`refused`);
-- agreement with the float64 oracle of ``grpo_kernels.reference`` under DESIGN.md's 2x rule (NaN
+- agreement with the float64 oracle of ``grpo_kernels.reference`` under docs/design.md's 2x rule (NaN
   only where the oracle has NaN), or, for strided / expanded views, bitwise equality with the same
   call on contiguous copies.
 

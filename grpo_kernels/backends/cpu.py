@@ -2,16 +2,20 @@
 
 The kernels write into outputs allocated here (``backends.empty``: NaN in test poison mode).
 
-The fused GRPO loss (``forward_backward``) runs one of two schedules, by the GEMM path of the machine:
-- plain (AVX2/AVX-512 machines, and fp32 everywhere): one pass, three GEMMs per token. Chunks of
-  at most 256 tokens keep exp(logit - running max) per logit (bf16 for 16-bit inputs: 83 MB for
-  256 tokens at V = 151936; fp32 for fp32 inputs), get their loss coefficients, then form dH and
-  add into dW; a 16-bit dW crosses chunks through an int8 residual [V, D] (136 MB at D = 896), so
-  it is rounded as if accumulated in fp32.
-- amx-vnni (16-bit inputs on AMX): the shared two-pass schedule of ``grpo_kernels.backends``, four
-  GEMMs per token (forward, then the recomputing backward), whose GEMMs take VNNI-packed operands.
-  The one-pass gradient step runs its dH and dW GEMMs on unpacked operands; a packed variant has
-  not been built, as no AMX machine was at hand to test and time it against the two passes.
+The tile-GEMM engine of every call is ``cpu_engines.engine_for(dtype)`` (the user's choice through
+GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` names it.
+
+``forward_backward`` (the fused GRPO loss) picks its schedule by the engine's GEMM path:
+- one pass, three GEMMs per token, on every engine's plain path (any engine but AMX's packed brgemm,
+  and fp32 everywhere). Chunks of at most 256 tokens keep exp(logit - running max) per logit (bf16
+  for 16-bit inputs: 83 MB for 256 tokens at V = 151936; fp32 for fp32 inputs), get their loss
+  coefficients, then form dH and add into dW; a 16-bit dW crosses chunks through an int8 residual
+  [V, D] (136 MB at D = 896), so it is rounded as if accumulated in fp32. It runs on AMX too
+  (GRPO_KERNELS_CPU_ENGINE=mkl, or brgemm on unpacked operands), but is not the default there:
+- the shared two-pass schedule of ``grpo_kernels.backends``, four GEMMs per token, on brgemm/amx-vnni (16-bit on AMX). Measured on an Intel Xeon with
+  AMX, 2 vCPU, bf16, 8 x 512 tokens: one pass 2.57x its three-GEMM floor against two passes'
+  2.16-2.40x, as at AMX GEMM speed the one pass's per-chunk costs (all of W streamed and all of dW,
+  with its residual, re-read and re-written once per 256 tokens) outweigh the saved GEMM.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from . import CoefFn, FusedResult, Grads, LogprobsParams, Needs, TwoPassBackend, cpu_extension, empty
+from . import CoefFn, FusedResult, Grads, LogprobsParams, Needs, TwoPassBackend, cpu_engines, cpu_extension, empty
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,14 @@ def _ext():
 
 
 def gemm_path(dtype: torch.dtype, d: int) -> str:
-    """'amx-vnni' when bf16/fp16 tiles run on AMX with packed operands here, else 'plain'."""
-    return _ext().gemm_path(dtype, d)
+    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/amx-vnni' or 'mkl/plain'."""
+    return cpu_engines.gemm_path(dtype, d)
 
 
 def one_pass(dtype: torch.dtype, d: int) -> bool:
-    """Whether the one-pass, three-GEMM schedule pays for this dtype and hidden size on this machine."""
-    return gemm_path(dtype, d) == "plain"
+    """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size:
+    everywhere but on AMX's packed brgemm path (see the module docstring)."""
+    return not gemm_path(dtype, d).endswith("/amx-vnni")
 
 
 def _vec(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -83,7 +88,8 @@ class CpuBackend(TwoPassBackend):
         logp = empty((n,), torch.float32, h.device)
         lse = empty((n,), torch.float32, h.device)
         ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
-        _ext().forward(h, w, b, t, p.temperature, p.softcap, self.tuning.super_chunk_tokens, logp, lse, ent)
+        _ext().forward(h, w, b, t, p.temperature, p.softcap, self.tuning.super_chunk_tokens,
+                       cpu_engines.engine_for(h.dtype), logp, lse, ent)
         return logp, ent, lse
 
     def backward(self, h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs: Needs) -> Grads:
@@ -93,7 +99,7 @@ class CpuBackend(TwoPassBackend):
         dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
         db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
         _ext().backward(h, w, b, t, _vec(lse), _vec(ent), _vec(g_logp), _vec(g_ent),
-                        p.temperature, p.softcap, self.tuning.super_chunk_tokens, dh, dw, db)
+                        p.temperature, p.softcap, self.tuning.super_chunk_tokens, cpu_engines.engine_for(h.dtype), dh, dw, db)
         return dh, dw, db
 
     def one_pass(self, dtype: torch.dtype, d: int) -> bool:
@@ -109,6 +115,7 @@ class CpuBackend(TwoPassBackend):
 
     def _one_pass_schedule(self, h, w, b, t, p: LogprobsParams, coef_fn: CoefFn, needs: Needs) -> FusedResult:
         ext = _ext()
+        engine = cpu_engines.engine_for(h.dtype)
         h, w, t = h.contiguous(), w.contiguous(), t.contiguous()
         b = None if b is None else b.contiguous()
         n, (v, d) = h.shape[0], w.shape
@@ -125,9 +132,9 @@ class CpuBackend(TwoPassBackend):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             en = None if ent is None else ent[s:e]
-            ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, kept, logp[s:e], lse[s:e], en)
+            ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, engine, kept, logp[s:e], lse[s:e], en)
             g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
             ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, _vec(g_logp), _vec(g_ent),
-                               p.temperature, p.softcap, None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
+                               p.temperature, p.softcap, engine, None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
         db = None if db_acc is None else db_acc.to(b.dtype)
         return logp, ent, dh, dw, db

@@ -1,0 +1,194 @@
+// The two-pass backward: recomputes each logits tile from the forward's lse, then dW and dH.
+#include "backward_loop.h"
+#include "common.h"
+#include "dw_accumulator.h"
+#include "packing.h"
+#include "tiles.h"
+
+namespace grpo_kernels {
+namespace detail {
+
+template <typename T>
+void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                   const at::Tensor& lse_t, const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
+                   const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
+                   c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  const T* hp = h.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = b ? b->data_ptr<T>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const Engine eng = opt.engine;
+  const bool vnni = use_vnni<T>(eng, D);
+  const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
+  const Transform tr(opt);
+  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
+  const int64_t nthreads = part.nthreads;
+  const float* lse = lse_t.data_ptr<float>();
+  const float* gl = gl_t.data_ptr<float>();
+  const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
+  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
+
+  // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
+  const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
+  const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes,
+                                      std::is_same_v<T, float> ? kFloatBackwardTokens
+                                                               : std::numeric_limits<int64_t>::max());
+  const int64_t nsuper = ceil_div(N, S);
+  const int64_t nchunks_max = ceil_div(S, kTokenChunk);
+  const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
+  const int64_t wt_ld = kGroup * kVocabBlock + 32;
+  std::vector<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
+  // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
+  std::vector<T> ht(vnni && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
+  std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
+  std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
+  std::vector<int8_t> dw_lo;
+  T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
+  if (need_dw && nsuper > 1 && !std::is_same_v<T, float>) dw_lo.resize(static_cast<size_t>(V * D));
+
+  for (int64_t si = 0; si < nsuper; ++si) {
+    const int64_t s0 = si * S, sn = std::min(S, N - s0);
+    const int64_t nchunks = ceil_div(sn, kTokenChunk);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
+        const T* hc = hp + (s0 + c * kTokenChunk) * D;
+        Packer<T>::h_transposed(hc, mc, D, vnni, packed_ht.data() + c * D * kLd);
+        if (!ht.empty())
+          for (int64_t k = 0; k < D; ++k)
+            for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
+      }
+    });
+    if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
+    const GradInputs gin_base{lse + s0, gl + s0, ge ? ge + s0 : nullptr, ge ? mean_z.data() + s0 : nullptr};
+
+    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      // dZ^T of a group of blocks for every token of the super-chunk, in the GEMM dtype
+      std::vector<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
+      std::vector<T> dz_vnni(vnni && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
+      std::vector<T> dz_pairs(vnni && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
+      std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
+      std::vector<float> dwt(vnni && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
+      std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+      std::vector<float> db_rows;
+      for (int64_t tid = t0; tid < t1; ++tid) {
+        float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
+        int64_t kv = 0;  // K of the group's dH GEMM
+        for_each_vocab_group(
+            part, tid, V, need_db ? db_acc.data() : nullptr, db_rows,
+            [&](const VocabGroup& g) {
+              kv = vnni ? round_up2(g.rows) : g.rows;
+              if (need_dh) Packer<T>::w_transposed(wp + g.v0 * D, g.rows, D, kv, wt_ld, wt.data());
+            },
+            [&](const VocabGroup&, const VocabBlock& blk) {
+              const int64_t bv0 = blk.v0, vb = blk.rows;
+              T* dzt_block = dzt.data() + blk.in_group * kVocabBlock * s_ld;
+              for (int64_t c = 0; c < nchunks; ++c) {
+                const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+                GradInputs gin = gin_base;
+                gin.lse += n0;
+                gin.g_logp += n0;
+                if (gin.g_ent) {
+                  gin.g_ent += n0;
+                  gin.mean_z += n0;
+                }
+                tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd,
+                             tile.data(), vnni);
+                grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin, blk.db_rows);
+                for (int64_t r = 0; r < vb; ++r) {
+                  if constexpr (std::is_same_v<T, float>)
+                    std::memcpy(dzt_block + r * s_ld + n0, tile.data() + r * kLd, mc * sizeof(float));
+                  else
+                    at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
+                }
+                if (vnni && need_dw) {
+                  // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
+                  Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
+                  tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0,
+                               dz_pairs.data(), dwt.data(), true);
+                }
+              }
+              if (need_dw) {
+                if (vnni) {
+                  for (int64_t k = 0; k < D; ++k)
+                    for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
+                } else {
+                  tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
+                }
+                flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
+                            si == 0);
+              }
+            },
+            [&](const VocabGroup& g) {
+              if (need_dh) {
+                for (int64_t c = 0; c < nchunks; ++c) {
+                  const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
+                  const T* bz = dzt.data() + n0;
+                  int64_t ldb = s_ld;
+                  if (vnni) {
+                    Packer<T>::interleave_rows(bz, g.rows, mc, s_ld, kLd, dz_vnni.data());
+                    bz = dz_vnni.data();
+                    ldb = kLd;
+                  }
+                  tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+                }
+              }
+            });
+      }
+      release(eng);
+    });
+
+    if (need_dh) {
+      // sum the threads' dH^T [D, sn] and transpose back to rows of dh, 16 tokens at a time
+      T* out = dh->data_ptr<T>() + s0 * D;
+      at::parallel_for(0, ceil_div(sn, 16), 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> rows(static_cast<size_t>(16 * D));
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t n0 = g * 16, cnt = std::min<int64_t>(16, sn - n0);
+          for (int64_t k = 0; k < D; ++k) {
+            float acc[16] = {0.f};
+            for (int64_t tid = 0; tid < nthreads; ++tid) {
+              const float* src = dht.data() + (tid * D + k) * s_ld + n0;
+              for (int64_t j = 0; j < cnt; ++j) acc[j] += src[j];
+            }
+            for (int64_t j = 0; j < cnt; ++j) rows[j * D + k] = acc[j];
+          }
+          for (int64_t j = 0; j < cnt; ++j) {
+            if constexpr (std::is_same_v<T, float>)
+              std::memcpy(out + (n0 + j) * D, rows.data() + j * D, D * sizeof(float));
+            else
+              at::vec::convert(rows.data() + j * D, out + (n0 + j) * D, D);
+          }
+        }
+      });
+    }
+  }
+  if (need_db) {
+    T* out = db->data_ptr<T>();
+    for (int64_t v = 0; v < V; ++v) out[v] = T(db_acc[v]);
+  }
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+              const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
+              const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
+              c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
+  check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
+  TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
+  if (h.size(0) == 0) {
+    if (dw) dw->zero_();
+    if (db) db->zero_();
+    return;
+  }
+  GRPO_DISPATCH(h.scalar_type(),
+                [&] { backward_impl<scalar_t>(h, w, b, t, lse, entropy, g_logp, g_ent, opt, dh, dw, db); });
+}
+
+}  // namespace grpo_kernels

@@ -1,0 +1,149 @@
+// The one-pass schedule's gradient step of one token chunk, from the exp-values its forward kept; and
+// the chunk sizing of that schedule.
+#include "backward_loop.h"
+#include "common.h"
+#include "dw_accumulator.h"
+#include "tiles.h"
+
+namespace grpo_kernels {
+namespace detail {
+
+// Gradient step of the one-pass schedule for one chunk of N <= kTokenChunk tokens whose exp-values
+// forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
+// (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
+// forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
+// residual) is re-read and re-written once per chunk. Its GEMMs take row-major operands (no VNNI
+// packing), which every engine runs at speed: on AMX, ATen's brgemm on unpacked operands measured
+// 820-990 GFLOP/s per thread at these shapes, as fast as on packed ones.
+template <typename T>
+void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                         const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,
+                         const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
+                         const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt,
+                         c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
+                         c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  const Engine eng = opt.engine;
+  TORCH_INTERNAL_ASSERT(N <= kTokenChunk);
+  const T* hp = h.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* bp = b ? b->data_ptr<T>() : nullptr;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const bool need_dh = dh.has_value(), need_dw = dw.has_value();
+  T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
+  int8_t* lop = dw_lo ? dw_lo->data_ptr<int8_t>() : nullptr;
+  float* dbp = db_acc ? db_acc->data_ptr<float>() : nullptr;
+  const Transform tr(opt);
+  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
+  const int64_t nthreads = part.nthreads;
+  const KeptLayout kl(N, V, h.scalar_type());
+  const float* z_t = kl.target_logits(kept);
+  const int64_t ldg = kGroup * kVocabBlock + 32;  // rows of dZ [N, group]
+  const float* lse = lse_t.data_ptr<float>();
+  const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
+  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
+  const GradInputs gin{lse, gl_t.data_ptr<float>(), ge, ge ? mean_z.data() : nullptr};
+  std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
+
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    // dZ^T [vb, N] of a block in fp32 (the A operand of the fp32 dW GEMM) and 16-bit, and dZ [N, gv] of a
+    // group of blocks (the A operand of the dH GEMM)
+    std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+    std::vector<T> dzt(std::is_same_v<T, float> || !need_dw ? 0 : static_cast<size_t>(kVocabBlock * kLd));
+    std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
+    std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+    std::vector<float> db_rows;
+    for (int64_t tid = t0; tid < t1; ++tid) {
+      float* my_dh = need_dh ? dh_acc.data() + tid * N * D : nullptr;
+      for_each_vocab_group(
+          part, tid, V, dbp, db_rows, [](const VocabGroup&) {},
+          [&](const VocabGroup&, const VocabBlock& b) {
+            const int64_t blk = b.index, bv0 = b.v0, vb = b.rows;
+            float* z = tile.data();
+            const KeptT<T>* e = kl.tile<KeptT<T>>(kept, blk);
+            for (int64_t r = 0; r < vb; ++r) {
+              if constexpr (std::is_same_v<KeptT<T>, float>)
+                std::memcpy(z + r * kLd, e + r * kl.ld, N * sizeof(float));
+              else
+                at::vec::convert(e + r * kl.ld, z + r * kLd, N);
+            }
+            grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin, b.db_rows);
+            if (need_dw) {
+              const T* a = reinterpret_cast<const T*>(z);
+              if constexpr (!std::is_same_v<T, float>) {
+                at::vec::convert(z, dzt.data(), vb * kLd);
+                a = dzt.data();
+              }
+              tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
+              flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
+            }
+            if (need_dh) {
+              T* out = dz.data() + b.in_group * kVocabBlock;
+              constexpr int64_t kB = 16;
+              for (int64_t r0 = 0; r0 < vb; r0 += kB)
+                for (int64_t n = 0; n < N; ++n)
+                  for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
+            }
+          },
+          [&](const VocabGroup& g) {
+            if (need_dh) tile_gemm<T>(eng, N, D, g.rows, ldg, D, D, true, dz.data(), wp + g.v0 * D, my_dh, false);
+          });
+    }
+    release(eng);
+  });
+
+  if (need_dh) {
+    T* out = dh->data_ptr<T>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t n = n0; n < n1; ++n) {
+        std::memcpy(row.data(), dh_acc.data() + n * D, D * sizeof(float));
+        for (int64_t tid = 1; tid < nthreads; ++tid) {
+          const float* src = dh_acc.data() + (tid * N + n) * D;
+          for (int64_t k = 0; k < D; ++k) row[k] += src[k];
+        }
+        if constexpr (std::is_same_v<T, float>)
+          std::memcpy(out + n * D, row.data(), D * sizeof(float));
+        else
+          at::vec::convert(row.data(), out + n * D, D);
+      }
+    });
+  }
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype) {
+  for (int64_t mc = std::min(kTokenChunk, ceil_div(n, 16) * 16); mc > 16; mc -= 16) {
+    const bool residual = dtype != at::kFloat && n > mc;
+    if (kept_bytes(mc, v, dtype) + (residual ? v * d : 0) <= kFusedBudgetBytes) return mc;
+  }
+  return 16;
+}
+
+int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype) { return KeptLayout(n, v, dtype).bytes(); }
+
+void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
+                    at::Tensor& kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
+                    const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt,
+                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
+                    c10::optional<at::Tensor> db_acc, bool accumulate) {
+  check_inputs(h, w, b, t);
+  check_engine(opt.engine, h.scalar_type());
+  check_kept(h, w, kept);
+  TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
+  TORCH_CHECK(!dw_lo || (dw && dw_lo->scalar_type() == at::kChar && dw_lo->numel() == dw->numel()),
+              "grpo_kernels._C: dw_lo must be int8 like dw");
+  TORCH_CHECK(!accumulate || !dw || dw_lo || h.scalar_type() == at::kFloat,
+              "grpo_kernels._C: accumulating a 16-bit dw needs dw_lo");
+  TORCH_CHECK(!db_acc || db_acc->scalar_type() == at::kFloat, "grpo_kernels._C: db_acc must be float32");
+  if (h.size(0) == 0) return;
+  GRPO_DISPATCH(h.scalar_type(), [&] {
+    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<uint8_t>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
+                                  db_acc, accumulate);
+  });
+}
+
+}  // namespace grpo_kernels

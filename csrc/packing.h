@@ -1,0 +1,75 @@
+// Operand packing for the tile GEMMs: transposes and VNNI interleaves (brgemm on AMX).
+#pragma once
+
+#include "common.h"
+
+namespace grpo_kernels::detail {
+
+// Packs the operands a tile GEMM needs. VNNI layout for 16-bit types: element (k, n) of a [K, N]
+// operand lives at [k / 2][n][k % 2], i.e. pairs of consecutive k share one 32-bit word.
+template <typename T>
+struct Packer {
+  // B operand of the logits GEMM, H_chunk^T [D, Mc]: from rows h[0..mc) of length d.
+  static void h_transposed(const T* h, int64_t mc, int64_t d, bool vnni, T* out) {
+    if (vnni) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(h);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+      const int64_t d2 = d / 2;
+      for (int64_t n0 = 0; n0 < mc; n0 += 16)
+        for (int64_t k = 0; k < d2; ++k)
+          for (int64_t n = n0; n < std::min(mc, n0 + 16); ++n) dst[k * kLd + n] = src[n * d2 + k];
+    } else {
+      for (int64_t n0 = 0; n0 < mc; n0 += 16)
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t n = n0; n < std::min(mc, n0 + 16); ++n) out[k * kLd + n] = h[n * d + k];
+    }
+  }
+
+  // Interleaves row pairs of a [rows, n] matrix (leading dim ld) into VNNI [ceil(rows/2), n, 2] whose
+  // pair rows are ld_out 32-bit words apart; a missing last row reads as zeros.
+  static void interleave_rows(const T* src, int64_t rows, int64_t n, int64_t ld, int64_t ld_out, T* dst) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const uint16_t* a = s + r * ld;
+      uint32_t* out = o + (r / 2) * ld_out;
+      if (r + 1 < rows) {
+        const uint16_t* b = a + ld;
+        for (int64_t j = 0; j < n; ++j) out[j] = uint32_t(a[j]) | (uint32_t(b[j]) << 16);
+      } else {
+        for (int64_t j = 0; j < n; ++j) out[j] = uint32_t(a[j]);
+      }
+    }
+  }
+
+  // B operand of the dW^T GEMM, dZ [mc, vb] in VNNI form, from dZ^T rows src[0..vb) (leading dim ld):
+  // 32-bit word (k, v) = (dZ^T[v][2k], dZ^T[v][2k + 1]); an odd mc pairs the last token with zero.
+  static void token_pairs(const T* src, int64_t vb, int64_t mc, int64_t ld, T* dst) {
+    const int64_t pairs = mc / 2;
+    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+    constexpr int64_t kB = 16;
+    for (int64_t v0 = 0; v0 < vb; v0 += kB)
+      for (int64_t k0 = 0; k0 < pairs; k0 += kB)
+        for (int64_t v = v0; v < std::min(vb, v0 + kB); ++v) {
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(s16 + v * ld);
+          for (int64_t k = k0; k < std::min(pairs, k0 + kB); ++k) o[k * kPairLd + v] = row[k];
+        }
+    if (mc % 2)
+      for (int64_t v = 0; v < vb; ++v) o[pairs * kPairLd + v] = uint32_t(s16[v * ld + mc - 1]);
+  }
+
+  // A operand of the dH GEMM, W_block^T [D, kv] (rows ld_out apart) from rows w[0..vb) of length d;
+  // columns [vb, kv) are zero (the VNNI K padding).
+  static void w_transposed(const T* w, int64_t vb, int64_t d, int64_t kv, int64_t ld_out, T* out) {
+    constexpr int64_t kB = 32;
+    for (int64_t r0 = 0; r0 < vb; r0 += kB)
+      for (int64_t k0 = 0; k0 < d; k0 += kB)
+        for (int64_t k = k0; k < std::min(d, k0 + kB); ++k)
+          for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[k * ld_out + r] = w[r * d + k];
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t r = vb; r < kv; ++r) out[k * ld_out + r] = T(0.f);
+  }
+};
+
+}  // namespace grpo_kernels::detail

@@ -1,0 +1,204 @@
+// Tile-GEMM engines (see tile_engine.h).
+#include "tile_engine.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <type_traits>
+
+namespace grpo_kernels {
+namespace {
+
+// MKL's entry points, as libtorch_cpu exports them (LP64: 32-bit integers). The CBLAS enums are plain ints.
+constexpr int kRowMajor = 101, kNoTrans = 111;
+using GemmHalfFn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int);
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using SetLocalThreadsFn = int (*)(int);
+
+struct Mkl {
+  GemmHalfFn bf16 = nullptr, f16 = nullptr;
+  SgemmFn sgemm = nullptr;
+  SetLocalThreadsFn set_local_threads = nullptr;
+
+  Mkl() {
+    // torch loads libtorch_cpu without RTLD_GLOBAL, so look in it by name first.
+    void* lib = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+    auto find = [&](const char* name) -> void* {
+      void* p = lib ? dlsym(lib, name) : nullptr;
+      return p ? p : dlsym(RTLD_DEFAULT, name);
+    };
+    bf16 = reinterpret_cast<GemmHalfFn>(find("cblas_gemm_bf16bf16f32"));
+    f16 = reinterpret_cast<GemmHalfFn>(find("cblas_gemm_f16f16f32"));
+    sgemm = reinterpret_cast<SgemmFn>(find("sgemm_"));
+    set_local_threads = reinterpret_cast<SetLocalThreadsFn>(find("MKL_Set_Num_Threads_Local"));
+  }
+};
+
+const Mkl& mkl() {
+  static const Mkl m;
+  return m;
+}
+
+// Each kernel thread runs its own tiles: MKL must not start threads of its own inside them.
+struct MklOneThread {
+  int prev = 0;
+  MklOneThread() {
+    if (mkl().set_local_threads) prev = mkl().set_local_threads(1);
+  }
+  ~MklOneThread() {
+    if (mkl().set_local_threads) mkl().set_local_threads(prev);
+  }
+};
+
+void mkl_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const float* a,
+              const float* b, float* c) {
+  // row-major C = A B is column-major C^T = B^T A^T
+  const int M = int(m), N = int(n), K = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  const float one = 1.f, beta = add ? 1.f : 0.f;
+  MklOneThread guard;
+  mkl().sgemm("N", "N", &N, &M, &K, &one, b, &lb, a, &la, &beta, c, &lc);
+}
+
+template <typename T>
+void mkl_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a, const T* b,
+              float* c) {
+  const GemmHalfFn fn = std::is_same_v<T, at::BFloat16> ? mkl().bf16 : mkl().f16;
+  MklOneThread guard;
+  fn(kRowMajor, kNoTrans, kNoTrans, int(m), int(n), int(k), 1.f, reinterpret_cast<const uint16_t*>(a), int(lda),
+     reinterpret_cast<const uint16_t*>(b), int(ldb), add ? 1.f : 0.f, c, int(ldc));
+}
+
+}  // namespace
+
+Engine parse_engine(const std::string& name) {
+  if (name == "brgemm") return Engine::kBrgemm;
+  if (name == "mkl") return Engine::kMkl;
+  if (name == "atmm") return Engine::kAtMm;
+  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'mkl' or 'atmm'; got '", name, "'");
+}
+
+const char* engine_name(Engine e) {
+  switch (e) {
+    case Engine::kBrgemm: return "brgemm";
+    case Engine::kMkl: return "mkl";
+    case Engine::kAtMm: return "atmm";
+  }
+  return "?";
+}
+
+bool has_amx(at::ScalarType dtype) {
+  return dtype != at::kFloat && at::native::cpublas::could_pack(dtype);
+}
+
+std::string engine_unavailable(Engine e, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "grpo_kernels._C: unsupported dtype ", dtype);
+  switch (e) {
+    case Engine::kBrgemm: return "";
+    case Engine::kMkl:
+      if (dtype == at::kFloat) return mkl().sgemm ? "" : "MKL's sgemm_ is not exported by this torch";
+      if ((dtype == at::kBFloat16 ? mkl().bf16 : mkl().f16) == nullptr)
+        return dtype == at::kBFloat16 ? "MKL's cblas_gemm_bf16bf16f32 is not exported by this torch"
+                                      : "MKL's cblas_gemm_f16f16f32 is not exported by this torch";
+      return "";
+    case Engine::kAtMm: return dtype == at::kFloat ? "" : "at::mm has no 16-bit x 16-bit -> fp32 GEMM on CPU";
+  }
+  return "unknown engine";
+}
+
+void check_engine(Engine e, at::ScalarType dtype) {
+  const std::string why = engine_unavailable(e, dtype);
+  TORCH_CHECK(why.empty(), "grpo_kernels._C: engine '", engine_name(e), "' cannot run ", dtype, " tiles here: ", why);
+}
+
+template <typename T>
+bool use_vnni(Engine e, int64_t d) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
+    return e == Engine::kBrgemm && d % 2 == 0 && has_amx(c10::CppTypeToScalarType<T>::value);
+  }
+}
+
+template <typename T>
+void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
+               const T* b, float* c, bool b_vnni) {
+  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemm);
+  if constexpr (std::is_same_v<T, float>) {
+    if (e == Engine::kMkl) return mkl_gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
+    if (e == Engine::kBrgemm) return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+    at::Tensor at_ = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32);
+    at::Tensor bt = at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32);
+    if (add)
+      ct.addmm_(at_, bt);
+    else
+      at::mm_out(ct, at_, bt);
+  } else {
+    if (e == Engine::kMkl) return mkl_gemm<T>(m, n, k, lda, ldb, ldc, add, a, b, c);
+    TORCH_INTERNAL_ASSERT(e == Engine::kBrgemm);
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, b_vnni);
+  }
+}
+
+void release(Engine e) {
+  if (e == Engine::kBrgemm) at::native::cpublas::brgemm_release(true);
+}
+
+template <typename T>
+static double tile_gflops_impl(Engine e, int64_t d, int64_t reps) {
+  constexpr int64_t kM = 256, kN = 256, kBlocks = 16;  // distinct W blocks, as the kernels stream them
+  const at::ScalarType dt = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor w = at::randn({kBlocks * kM, d}).to(dt);
+  const at::Tensor ht = at::randn({d, kN}).to(dt);  // the plain B operand H^T [d, 256]
+  const int64_t nthreads = at::get_num_threads();
+  double best = 1e30;
+  for (int trial = 0; trial < 3; ++trial) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, nthreads, 1, [&](int64_t a0, int64_t a1) {
+      std::vector<float> c(static_cast<size_t>(kM * kN));
+      for (int64_t tid = a0; tid < a1; ++tid)
+        for (int64_t r = 0; r < reps; ++r)
+          tile_gemm<T>(e, kM, kN, d, d, kN, kN, false, w.data_ptr<T>() + ((tid + r) % kBlocks) * kM * d,
+                       ht.data_ptr<T>(), c.data(), false);
+      release(e);
+    });
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return 2.0 * kM * kN * d * reps * nthreads / best * 1e-9;
+}
+
+std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
+  check_engine(engine, dtype);
+  const bool vnni = dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(engine, d)
+                    : dtype == at::kHalf   ? use_vnni<at::Half>(engine, d)
+                                           : false;
+  return std::string(engine_name(engine)) + (vnni ? "/amx-vnni" : "/plain");
+}
+
+double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
+  check_engine(e, dtype);
+  switch (dtype) {
+    case at::kFloat: return tile_gflops_impl<float>(e, d, reps);
+    case at::kBFloat16: return tile_gflops_impl<at::BFloat16>(e, d, reps);
+    default: return tile_gflops_impl<at::Half>(e, d, reps);
+  }
+}
+
+#define GRPO_INSTANTIATE(T)                                                                                       \
+  template bool use_vnni<T>(Engine, int64_t);                                                                     \
+  template void tile_gemm<T>(Engine, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const T*, const T*, \
+                             float*, bool);
+GRPO_INSTANTIATE(float)
+GRPO_INSTANTIATE(at::BFloat16)
+GRPO_INSTANTIATE(at::Half)
+#undef GRPO_INSTANTIATE
+
+}  // namespace grpo_kernels

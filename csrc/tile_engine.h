@@ -1,0 +1,50 @@
+// Tile-GEMM engines: the one interface every schedule's GEMMs go through.
+//
+// tile_gemm computes C [m, n] (+)= A [m, k] B [k, n] with fp32 C, from row-major operands (B in VNNI
+// pairs when asked for, brgemm only). Which engine runs is chosen per dtype by the Python side
+// (grpo_kernels/backends/cpu_engines.py: capability, a short measured probe, or the user's choice) and
+// travels in LogprobsOptions; the kernels never pick one themselves.
+//
+// - brgemm: ATen's batch-reduce GEMM (oneDNN's JIT micro-kernel on AMX; a plain fallback elsewhere).
+//           On AMX the forward and two-pass backward hand it VNNI-packed operands.
+// - mkl:    MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (16-bit x 16-bit -> fp32) and sgemm,
+//           resolved at run time from the libtorch_cpu the torch wheel ships (no new dependency).
+// - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace grpo_kernels {
+
+enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2 };
+
+Engine parse_engine(const std::string& name);
+const char* engine_name(Engine e);
+// Empty when the engine runs tiles of this dtype here, else why it cannot.
+std::string engine_unavailable(Engine e, at::ScalarType dtype);
+void check_engine(Engine e, at::ScalarType dtype);
+// Whether this machine has AMX tiles for 16-bit GEMMs (what makes VNNI packing pay).
+bool has_amx(at::ScalarType dtype);
+
+// VNNI-packed operands for this engine, dtype and hidden size: brgemm on AMX with an even D.
+template <typename T>
+bool use_vnni(Engine e, int64_t d);
+
+template <typename T>
+void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
+               const T* b, float* c, bool b_vnni);
+
+// "<engine>/amx-vnni" (packed operands on AMX) or "<engine>/plain".
+std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
+
+// Ends a thread's run of tile GEMMs (releases brgemm's AMX tile configuration).
+void release(Engine e);
+
+// GFLOP/s of the forward's tile shape [256 x 256 x d] on every thread at once (reps tiles each, best
+// of 3): the measured probe that picks an engine where capability alone does not.
+double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps);
+
+}  // namespace grpo_kernels

@@ -1,0 +1,202 @@
+// The per-logit math of a tile: online softmax statistics (forward), dLoss/dlogits from recomputed logits
+// (two-pass backward) or from kept exp-values (one-pass), and what the one-pass schedule keeps.
+#pragma once
+
+#include "common.h"
+
+namespace grpo_kernels::detail {
+
+// Online softmax statistics of one token: running max m, s = sum exp(z - m), q = sum exp(z - m) (z - m).
+// Keeping q relative to the running max avoids the cancellation of lse - sum(p z) for peaked rows.
+struct Stats {
+  float* m;
+  float* s;
+  float* q;
+};
+
+// Rescales running stats to a new max and folds in a block's exp-sums, kW tokens at a time. With keep_e
+// the tile's logits are replaced by their exp(z - new max), which the one-pass schedule keeps.
+inline void fold_block(float* z, int64_t rows, int64_t ldz, int64_t n0, int64_t width, Vec bmax, const Stats& st,
+                       bool want_q, bool keep_e) {
+  Vec m_old = Vec::loadu(st.m + n0, width);
+  Vec m_new = at::vec::maximum(m_old, bmax);
+  // m_old = -inf (first block): exp(-inf) = 0 and the q update must not form 0 * -inf.
+  Vec first = m_old == Vec(kNegInf);
+  Vec scale = Vec::blendv((m_old - m_new).exp_u20(), Vec(0.f), first);
+  Vec s = Vec::loadu(st.s + n0, width) * scale;
+  Vec q(0.f);
+  if (want_q) {
+    Vec shift = Vec::blendv(m_old - m_new, Vec(0.f), first);
+    q = scale * (Vec::loadu(st.q + n0, width) + Vec::loadu(st.s + n0, width) * shift);
+  }
+  // The block's sums start from zero and join the running ones once: one fp32 accumulator over a
+  // whole vocabulary (~75k terms per thread) cost ~8e-6 nats of logp at V = 151936.
+  Vec bs(0.f), bq(0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    Vec d = Vec::loadu(z + r * ldz + n0, width) - m_new;
+    Vec e = d.exp_u20();
+    if (keep_e) e.store(z + r * ldz + n0, width);
+    bs = bs + e;
+    if (want_q) bq = at::vec::fmadd(e, d, bq);
+  }
+  s = s + bs;
+  if (want_q) q = q + bq;
+  m_new.store(st.m + n0, width);
+  s.store(st.s + n0, width);
+  if (want_q) q.store(st.q + n0, width);
+}
+
+// Applies the logit transform to a raw tile (rows ldz apart) in place and folds it into the running stats
+// (leaving exp(z - max) in the tile with keep_e).
+template <typename T>
+void forward_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int64_t v0, const Transform& tr,
+                  const Stats& st, bool want_q, bool keep_e) {
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec bmax(kNegInf);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = z + r * ldz + n0;
+      Vec v = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      v.store(p, width);
+      // lanes past `width` hold garbage; they are never stored back
+      bmax = at::vec::maximum(bmax, v);
+    }
+    fold_block(z, vb, ldz, n0, width, bmax, st, want_q, keep_e);
+  }
+}
+
+// Per-token inputs of the backward for one super-chunk, as contiguous float arrays.
+struct GradInputs {
+  const float* lse;
+  const float* g_logp;
+  const float* g_ent;  // nullptr: no entropy gradient
+  const float* mean_z;  // sum_j p_j z_j = lse - entropy (only with g_ent)
+};
+
+// What every dLoss/draw tile ends with: the onehot term at the targets (z_t: the transformed target logit
+// of each token), then the tile's per-row sums into db_rows when given.
+inline void finish_grad_tile(float* d, int64_t vb, int64_t mc, int64_t ldz, int64_t v0, const int64_t* tgt,
+                             const float* z_t, const float* g_logp, const Transform& tr, float* db_rows) {
+  for (int64_t n = 0; n < mc; ++n) {
+    const int64_t r = tgt[n] - v0;
+    if (r >= 0 && r < vb) d[r * ldz + n] += g_logp[n] * tr.slope(z_t[n]);
+  }
+  if (db_rows) {
+    for (int64_t r = 0; r < vb; ++r) {
+      Vec acc(0.f);
+      const float* p = d + r * ldz;
+      int64_t n = 0;
+      for (; n + kW <= mc; n += kW) acc = acc + Vec::loadu(p + n);
+      if (n < mc) acc = acc + Vec::loadu(p + n, mc - n);  // loadu with a count zero-fills the rest
+      float lanes[kW];
+      acc.store(lanes);
+      float sum = 0.f;
+      for (int64_t j = 0; j < kW; ++j) sum += lanes[j];
+      db_rows[r] += sum;
+    }
+  }
+}
+
+// Turns a raw logits tile (rows ldz apart) into dLoss/draw in place (fp32).
+template <typename T>
+void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int64_t v0, const int64_t* tgt,
+               const Transform& tr, const GradInputs& g, float* db_rows) {
+  // target logits, saved before the tile is overwritten
+  float z_t[kTokenChunk];
+  for (int64_t n = 0; n < mc; ++n) {
+    const int64_t r = tgt[n] - v0;
+    if (r >= 0 && r < vb) z_t[n] = tr.apply(z[r * ldz + n] + bias_at(bias, tgt[n]));
+  }
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec lse = Vec::loadu(g.lse + n0, width);
+    Vec gl = Vec::loadu(g.g_logp + n0, width);
+    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
+    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = z + r * ldz + n0;
+      Vec zz = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
+      Vec prob = (zz - lse).exp_u20();
+      Vec d = Vec(0.f) - gl * prob;
+      if (g.g_ent) d = d - ge * prob * (zz - mz);
+      (d * tr.slope(zz)).store(p, width);
+    }
+  }
+  finish_grad_tile(z, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
+}
+
+// Turns a tile of kept e = exp(z - m) into dLoss/draw in place (fp32), where m_blk holds each token's
+// running max when the forward folded this block: p = e exp(m - lse) costs one exp per token, not per
+// logit. Only the entropy gradient and soft-capping need z itself: z = m + log(e) (e = 0 has p = 0).
+inline void grad_tile_kept(float* e, int64_t vb, int64_t mc, int64_t ldz, const float* m_blk, const float* z_t,
+                           int64_t v0, const int64_t* tgt, const Transform& tr, const GradInputs& g, float* db_rows) {
+  const bool need_z = g.g_ent != nullptr || tr.cap > 0;
+  for (int64_t n0 = 0; n0 < mc; n0 += kW) {
+    const int64_t width = std::min(kW, mc - n0);
+    Vec m = Vec::loadu(m_blk + n0, width);
+    Vec scale = (m - Vec::loadu(g.lse + n0, width)).exp_u20();
+    Vec gl = Vec::loadu(g.g_logp + n0, width);
+    Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
+    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    for (int64_t r = 0; r < vb; ++r) {
+      float* p = e + r * ldz + n0;
+      Vec ev = Vec::loadu(p, width);
+      Vec prob = ev * scale;
+      Vec d = Vec(0.f) - gl * prob;
+      if (need_z) {
+        Vec zz = m + at::vec::maximum(ev, Vec(std::numeric_limits<float>::min())).log();
+        if (g.g_ent) d = d - ge * prob * (zz - mz);
+        d = d * tr.slope(zz);
+      } else {
+        d = d * Vec(tr.inv_t);
+      }
+      d.store(p, width);
+    }
+  }
+  finish_grad_tile(e, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
+}
+
+// sum_j p_j z_j = lse - entropy per token, which the entropy gradient needs (empty without it).
+inline std::vector<float> mean_logits(const float* lse, const c10::optional<at::Tensor>& ent_t, bool need, int64_t n) {
+  std::vector<float> out;
+  if (!need) return out;
+  const float* ent = ent_t->data_ptr<float>();
+  out.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = lse[i] - ent[i];
+  return out;
+}
+// What the one-pass schedule keeps of a chunk of n tokens between its forward and its gradient step, in
+// one byte workspace: per vocab block, a tile [kVocabBlock, ld] of e = exp(z - m) (fp32 for fp32 inputs;
+// bf16 otherwise, whose 8 fraction bits match the bf16 dZ the GEMMs take anyway, at half the bytes of
+// fp32 logits, so twice the tokens fit per chunk), then per block the running max m [ld] each e is
+// relative to, then the transformed target logits [ld].
+template <typename T>
+using KeptT = std::conditional_t<std::is_same_v<T, float>, float, at::BFloat16>;
+
+struct KeptLayout {
+  int64_t ld, nblocks, elem_bytes;
+  KeptLayout(int64_t n, int64_t v, at::ScalarType dtype)
+      : ld(ceil_div(n, 16) * 16 + 16), nblocks(ceil_div(v, kVocabBlock)), elem_bytes(dtype == at::kFloat ? 4 : 2) {}
+  int64_t tiles_bytes() const { return ceil_div(nblocks * kVocabBlock * ld * elem_bytes, 64) * 64; }
+  int64_t bytes() const { return tiles_bytes() + (nblocks + 1) * ld * int64_t(sizeof(float)); }
+  template <typename K>
+  K* tile(uint8_t* base, int64_t blk) const { return reinterpret_cast<K*>(base) + blk * kVocabBlock * ld; }
+  float* max_row(uint8_t* base, int64_t blk) const { return reinterpret_cast<float*>(base + tiles_bytes()) + blk * ld; }
+  float* target_logits(uint8_t* base) const { return max_row(base, nblocks); }
+};
+
+template <typename K>
+void copy_row(const float* src, K* dst, int64_t n) {
+  if constexpr (std::is_same_v<K, float>)
+    std::memcpy(dst, src, n * sizeof(float));
+  else
+    at::vec::convert(src, dst, n);
+}
+inline void check_kept(const at::Tensor& h, const at::Tensor& w, const at::Tensor& kept) {
+  TORCH_CHECK(h.size(0) <= kTokenChunk, "grpo_kernels._C: a one-pass chunk holds at most ", kTokenChunk, " tokens");
+  TORCH_CHECK(kept.scalar_type() == at::kByte && kept.is_contiguous() &&
+                  kept.numel() >= KeptLayout(h.size(0), w.size(0), h.scalar_type()).bytes(),
+              "grpo_kernels._C: kept must be a uint8 workspace of kept_bytes(n, V, dtype) bytes");
+}
+
+}  // namespace grpo_kernels::detail

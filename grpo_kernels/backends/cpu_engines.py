@@ -1,0 +1,127 @@
+"""Which tile-GEMM engine the C++ CPU kernels run, per input dtype.
+
+The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engines:
+
+- ``brgemm``: ATen's batch-reduce GEMM, oneDNN's JIT micro-kernel on AMX (with VNNI-packed operands
+  in the forward and the two-pass backward), a plain fallback elsewhere. Runs every dtype.
+- ``mkl``: MKL's ``cblas_gemm_bf16bf16f32`` / ``cblas_gemm_f16f16f32`` (16-bit x 16-bit -> fp32) and
+  ``sgemm``, found at run time in the libtorch_cpu the torch wheel ships (no extra dependency; a torch
+  without them reports the engine unavailable).
+- ``atmm``: ``at::mm`` on strided views (fp32 only).
+
+Every engine writes fp32 logits tiles, so the choice changes speed, never the accuracy class.
+
+Selection, per dtype, cached per process (``engine_for``):
+
+1. the user's choice: ``GRPO_KERNELS_CPU_ENGINE=<engine>`` for every dtype, or per dtype
+   ``GRPO_KERNELS_CPU_ENGINE="bf16=mkl,fp32=atmm"`` (keys ``bf16``, ``fp16``, ``fp32``); an engine that
+   cannot run that dtype here raises, naming why;
+2. capability where it decides: 16-bit tiles on AMX run ``brgemm`` (measured on an Intel Xeon with AMX,
+   2 vCPU, at the kernels' 256 x 256 x 896 tile: brgemm 880-1,050 GFLOP/s per thread, MKL 710); fp32
+   runs ``mkl`` (torch.mm's own sgemm without the tensor wrapping);
+3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
+   tile on every thread for each runnable engine (tens of milliseconds), the fastest wins.
+
+``gemm_path(dtype, d)`` names what ran, e.g. ``"brgemm/amx-vnni"`` or ``"mkl/plain"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from . import cpu_extension
+
+ENGINES = ("brgemm", "mkl", "atmm")
+ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
+_DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
+_PROBE_REPS = 6
+
+
+def _ext():
+    ext = cpu_extension()
+    assert ext is not None, "backend 'cpu' resolved without grpo_kernels._C"
+    return ext
+
+
+def unavailable(engine: str, dtype: torch.dtype) -> Optional[str]:
+    """None when ``engine`` runs tiles of ``dtype`` on this machine, else the reason it cannot."""
+    if engine not in ENGINES:
+        raise ValueError(f"unavailable: engine one of {ENGINES}; got {engine!r}")
+    return _ext().engine_unavailable(engine, dtype) or None
+
+
+def available_engines(dtype: torch.dtype) -> list[str]:
+    """The engines that run tiles of ``dtype`` here."""
+    return [e for e in ENGINES if unavailable(e, dtype) is None]
+
+
+def _forced(dtype: torch.dtype) -> Optional[str]:
+    """The engine the user forced for ``dtype`` through GRPO_KERNELS_CPU_ENGINE, or None."""
+    spec = os.environ.get(ENV_VAR, "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        choice = spec
+    else:
+        choice = None
+        for item in spec.split(","):
+            key, sep, value = (s.strip() for s in item.partition("="))
+            if not sep or key not in _DTYPE_KEYS:
+                raise ValueError(
+                    f"{ENV_VAR}: an engine or 'dtype=engine' items with dtype in {sorted(_DTYPE_KEYS)}; got {spec!r}"
+                )
+            if _DTYPE_KEYS[key] == dtype:
+                choice = value
+        if choice is None:
+            return None
+    if choice not in ENGINES:
+        raise ValueError(f"{ENV_VAR}: engine one of {ENGINES}; got {choice!r}")
+    why = unavailable(choice, dtype)
+    if why is not None:
+        raise ValueError(f"{ENV_VAR}: engine {choice!r} cannot run {dtype} here ({why})")
+    return choice
+
+
+def probe(dtype: torch.dtype) -> dict[str, float]:
+    """GFLOP/s of every runnable engine on the forward's tile (all threads at once), measured now."""
+    ext = _ext()
+    return {e: ext.tile_gflops(e, dtype, _PROBE_D, _PROBE_REPS) for e in available_engines(dtype)}
+
+
+@functools.lru_cache(maxsize=None)
+def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
+    """(engine, why) by capability, else by the probe; cached per process and thread count."""
+    ext = _ext()
+    if dtype == torch.float32:
+        if unavailable("mkl", dtype) is None:
+            return "mkl", "fp32: MKL sgemm"
+        return "atmm", "fp32: at::mm"
+    if ext.has_amx(dtype):
+        return "brgemm", "AMX: oneDNN brgemm with VNNI-packed operands"
+    rates = probe(dtype)
+    best = max(rates, key=rates.get)
+    return best, "probe: " + ", ".join(f"{e} {r:.0f} GFLOP/s" for e, r in rates.items())
+
+
+def engine_for(dtype: torch.dtype) -> str:
+    """The engine the kernels run for ``dtype``: the user's choice, else capability, else the probe."""
+    return _forced(dtype) or _chosen(dtype, torch.get_num_threads())[0]
+
+
+def selection(dtype: torch.dtype) -> tuple[str, str]:
+    """(engine, why it was chosen) for ``dtype``, e.g. ``("brgemm", "AMX: ...")``."""
+    forced = _forced(dtype)
+    if forced is not None:
+        return forced, f"forced by {ENV_VAR}"
+    return _chosen(dtype, torch.get_num_threads())
+
+
+def gemm_path(dtype: torch.dtype, d: int, engine: Optional[str] = None) -> str:
+    """What the tile GEMMs run on for ``dtype`` and hidden size ``d``: ``"<engine>/amx-vnni"`` when they
+    take VNNI-packed operands on AMX, else ``"<engine>/plain"``."""
+    return _ext().gemm_path(dtype, d, engine or engine_for(dtype))

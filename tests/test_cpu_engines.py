@@ -1,0 +1,130 @@
+"""The C++ backend's tile-GEMM engines (backends/cpu_engines.py), each forced in turn.
+
+Every engine this machine can run is checked against the float64 oracle by the 2x rule, for
+linear_logprobs forward + backward and for the fused GRPO loss on the one-pass schedule (and on the
+two-pass one); an engine that cannot run a dtype here is skipped with the reason the extension gives.
+Hidden sizes: even (brgemm takes VNNI-packed operands on AMX) and odd (the plain path everywhere).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from oracle import HAS_CPU_EXT
+
+pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+
+if HAS_CPU_EXT:
+    from grpo_kernels.backends import cpu, cpu_engines
+
+ENGINES = ("brgemm", "mkl", "atmm")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENV = "GRPO_KERNELS_CPU_ENGINE"
+
+
+def force(monkeypatch, engine: str, dtype: torch.dtype) -> None:
+    """Forces ``engine`` for every dtype, or skips when it cannot run ``dtype`` here."""
+    why = cpu_engines.unavailable(engine, dtype)
+    if why is not None:
+        pytest.skip(f"engine {engine} cannot run {dtype} here: {why}")
+    monkeypatch.setenv(ENV, engine)
+    assert cpu_engines.engine_for(dtype) == engine
+
+
+@pytest.mark.parametrize("dim", [64, 33], ids=["D64", "D33"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_linear_logprobs_on_engine(engine, dtype, dim, seed, monkeypatch):
+    """Forward and backward (dH, dW, dbias; logp and entropy gradients) on the forced engine."""
+    from test_linear_logprobs import ALL, Case, check_case
+
+    force(monkeypatch, engine, DTYPES[dtype])
+    assert cpu.gemm_path(DTYPES[dtype], dim).startswith(engine + "/")
+    check_case("cpu", Case((3, 70), 1031, dim, DTYPES[dtype], ignore="some", **ALL))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_linear_logprobs_on_engine_over_super_chunks(engine, dtype, seed, monkeypatch):
+    """Several backward super-chunks (dW accumulated across them) on the forced engine."""
+    from test_linear_logprobs import Case, check_case
+
+    force(monkeypatch, engine, DTYPES[dtype])
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))):
+        check_case("cpu", Case((600,), 517, 48, DTYPES[dtype], bias=True, entropy=True))
+
+
+@pytest.mark.parametrize("schedule", ["one-pass", "two-pass"])
+@pytest.mark.parametrize("dim", [64, 33], ids=["D64", "D33"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fused_loss_on_engine(engine, dtype, dim, schedule, seed, monkeypatch):
+    """The fused GRPO loss (dapo, KL, entropy bonus, bias) over several token chunks, each schedule forced."""
+    from test_fused_loss import _forbid, check, make_problem, oracle64, run_loss, same_dtype
+
+    force(monkeypatch, engine, DTYPES[dtype])
+    one = schedule == "one-pass"
+    # the one pass never runs the two-pass functions; the two passes never the chunk loop
+    _forbid(monkeypatch, cpu.CpuBackend, *(("forward", "backward") if one else ("_one_pass_schedule",)))
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.05)
+    hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=4, T=40, D=dim, V=611, dtype=DTYPES[dtype], bias=True)
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(fused_chunk_tokens=48, schedule=schedule))):
+        out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
+    check(out, grads, oracle64(*args), same_dtype(*args))
+
+
+def test_default_schedule_follows_the_gemm_path():
+    """One pass everywhere but on AMX's packed brgemm path, where two passes measured faster."""
+    for dt in DTYPES.values():
+        for d in (896, 33):
+            assert cpu.one_pass(dt, d) == (not cpu.gemm_path(dt, d).endswith("/amx-vnni"))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    dt = DTYPES[dtype]
+    engine, why = cpu_engines.selection(dt)
+    assert engine in cpu_engines.available_engines(dt) and why
+    assert cpu.gemm_path(dt, 896).startswith(engine + "/")
+    if dt != torch.float32 and cpu._ext().has_amx(dt):
+        assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/amx-vnni")
+
+
+def test_engine_forced_per_dtype(monkeypatch):
+    monkeypatch.setenv(ENV, "fp32=atmm, bf16=brgemm")
+    assert cpu_engines.engine_for(torch.float32) == "atmm"
+    assert cpu_engines.engine_for(torch.bfloat16) == "brgemm"
+    assert cpu_engines.selection(torch.float32) == ("atmm", f"forced by {ENV}")
+    # a dtype the setting does not name keeps the automatic choice
+    assert cpu_engines.engine_for(torch.float16) == cpu_engines.selection(torch.float16)[0]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("cublas", "engine one of"), ("bf16=cublas", "engine one of"), ("int8=mkl", "dtype=engine"),
+     ("bf16", "engine one of")],
+)
+def test_bad_engine_setting_is_rejected(spec, message, monkeypatch):
+    monkeypatch.setenv(ENV, spec)
+    with pytest.raises(ValueError, match=message):
+        cpu_engines.engine_for(torch.bfloat16)
+
+
+def test_engine_that_cannot_run_the_dtype_is_rejected_with_the_reason(monkeypatch):
+    monkeypatch.setenv(ENV, "atmm")
+    with pytest.raises(ValueError, match="cannot run torch.bfloat16 here .*16-bit"):
+        cpu_engines.engine_for(torch.bfloat16)
+    with pytest.raises(ValueError, match="unavailable: engine one of"):
+        cpu_engines.unavailable("cublas", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_probe_measures_every_runnable_engine(dtype):
+    dt = DTYPES[dtype]
+    rates = cpu_engines.probe(dt)
+    assert set(rates) == set(cpu_engines.available_engines(dt)) and "brgemm" in rates
+    assert all(r > 0 for r in rates.values())
