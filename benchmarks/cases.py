@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-import grpo_kernels as gk
+# Benchmark this checkout's package, not whichever grpo_kernels an editable install points at.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpo_kernels as gk  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # The problems
