@@ -70,6 +70,16 @@ def build(argv: list[str], out_dir: str) -> GRPOTrainer:
                        eval_rows=eval_rows, eval_fn=exact_match)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60, help="timed steps")
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.save_steps:
         rows.append((f"checkpoint ({ckpt_s * 1e3:.0f} ms / {cfg.save_steps} steps)", ckpt_s / cfg.save_steps))
     total = sum(v for _, v in rows)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     print(f"main job step profile: {args.steps} timed steps after {args.warmup}, batch {cfg.prompts_per_step} x "
           f"{cfg.num_generations}, max_new_tokens {cfg.max_new_tokens}; {machine}")
     print("| phase | ms / step | share |\n|---|---|---|")
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntrain_step alone: {step_s * 1e3:.2f} ms; whole job estimate for {cfg.steps} steps: {total * cfg.steps:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "argv": sys.argv, "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+            "argv": sys.argv, "cpu": cpu_name(), "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
             "config": cfg.to_dict(), "ms_per_step": {k: v * 1e3 for k, v in rows}, "total_ms": total * 1e3,
             "train_step_ms": step_s * 1e3, "eval_s": eval_s, "checkpoint_s": ckpt_s,
         }, indent=1))

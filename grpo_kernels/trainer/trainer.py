@@ -211,7 +211,11 @@ class GRPOTrainer:
         if config.beta > 0:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Fused AdamW (one kernel over all parameters, as TRL's default adamw_torch_fused) where torch has one;
+        # on the built-in model the per-parameter loop of the plain one costs 3x more.
+        fused = self.device.type in ("cpu", "cuda") or None
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           fused=fused)
         total = config.steps * config.num_iterations
         warmup, schedule, from_zero = config.warmup_steps, config.lr_scheduler, config.warmup_from_zero
         # A closure (not a bound method or partial): LambdaLR's state_dict then stores nothing for it.
