@@ -1,8 +1,11 @@
 """GRPOTrainer: one GRPO step is sample -> reward -> advantages -> log-probs -> updates.
 
-1. ``sample``: ``prompts_per_step`` task rows, each prompt repeated G = ``num_generations`` times,
-   completions drawn with ``transformers`` ``generate`` (temperature, top_p, max_new_tokens,
-   stopping at EOS). The batch is prompt-major: rows ``i*G .. i*G+G-1`` share a prompt.
+1. ``sample``: ``prompts_per_step`` task rows (uniform draws, or shuffled passes without
+   replacement), G = ``num_generations`` completions of each (temperature, top_p,
+   max_new_tokens, stopping at EOS). Each prompt runs through the model once and its KV cache
+   is shared by its G completions (:func:`sample_completions`: the draws ``generate`` makes on
+   the repeated prompts); ``share_prompts = False`` calls ``generate`` itself. The batch is
+   prompt-major: rows ``i*G .. i*G+G-1`` share a prompt.
 2. ``advantages``: each reward function scores every completion (None -> NaN, unscorable), and
    :func:`grpo_kernels.group_advantages` turns the weighted reward columns into one advantage per
    completion, normalized within its group.
@@ -13,6 +16,8 @@
    micro-batches through :class:`grpo_kernels.FusedLinearGRPOLoss` on the model's final hidden
    states and LM-head weight, clipping the gradient norm and stepping the LR schedule.
 
+Every forward of the body shares the prompts the same way (:func:`completion_hidden` with the
+group size): with the main job's 7-token prompts and 2-token answers that is most of the work.
 The logits are never materialized: neither for the loss nor for the old/reference log-probs.
 Dropout is off throughout (the model stays in eval mode): the importance ratio compares the
 policy with itself, and dropout noise would make it differ from 1 even on-policy.
