@@ -18,6 +18,7 @@ the kernels compute exactly the distribution ``generate`` samples from.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -133,6 +134,12 @@ def lm_head(model: PreTrainedModel) -> tuple[nn.Parameter, Optional[nn.Parameter
     return head.weight, getattr(head, "bias", None)
 
 
+def cache_kwargs(model: nn.Module, cache: DynamicCache) -> dict[str, object]:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
 def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
                       group_size: int = 1) -> Tensor:
     """Final hidden states at the positions that predict the completion tokens.
@@ -157,12 +164,12 @@ def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask:
     if group_size > 1 and B % group_size == 0 and _prompts_shared(input_ids[:, :P], attention_mask[:, :P], group_size):
         cache = DynamicCache(config=model.config)
         first = model.base_model(input_ids=input_ids[::group_size, :P], attention_mask=attention_mask[::group_size, :P],
-                                 position_ids=positions[::group_size, :P], cache=cache, use_cache=True)
+                                 position_ids=positions[::group_size, :P], **cache_kwargs(model.base_model, cache))
         parts = [first.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)]
         if input_ids.shape[1] > P + 1:
             cache.batch_repeat_interleave(group_size)
             rest = model.base_model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
-                                    position_ids=positions[:, P:-1], cache=cache, use_cache=True)
+                                    position_ids=positions[:, P:-1], **cache_kwargs(model.base_model, cache))
             parts.append(rest.last_hidden_state)
         return torch.cat(parts, dim=1)
     # The last token predicts nothing we train on, so the body runs without it.

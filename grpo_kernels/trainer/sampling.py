@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from .model import cache_kwargs
+
 
 def _keeps_last_logits(model: PreTrainedModel) -> bool:
     """Whether the model's forward can compute the logits of the last position only (``logits_to_keep``)."""
@@ -73,7 +75,7 @@ def sample_completions(
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     extra = {"logits_to_keep": 1} if _keeps_last_logits(model) else {}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, **cache_kwargs(model, cache),
                 **extra)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)
     cache.batch_repeat_interleave(G)
@@ -90,7 +92,7 @@ def sample_completions(
             break  # no forward for a token nobody will draw
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, **cache_kwargs(model, cache))
         logits = out.logits[:, -1].float()
     return torch.cat([prompt_ids.repeat_interleave(G, dim=0), torch.stack(tokens, dim=1)], dim=1)
 
