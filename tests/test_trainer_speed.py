@@ -46,30 +46,81 @@ def encode(tokenizer, prompts):
     return enc["input_ids"], enc["attention_mask"]
 
 
-@pytest.mark.parametrize("max_new_tokens,temperature,top_p,do_sample", [
-    (2, 1.0, 1.0, True), (6, 1.3, 0.8, True), (6, 0.7, 1.0, True), (6, 1.0, 1.0, False),
-], ids=["T2-plain", "T6-temp1.3-top_p0.8", "T6-temp0.7", "T6-greedy"])
-def test_shared_prompt_sampler_draws_what_generate_draws(tokenizer, max_new_tokens, temperature, top_p, do_sample):
-    """Same seed, same completions as transformers' generate on the prompts repeated G times (EOS, padding included)."""
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 6])
+def test_shared_prompt_greedy_decoding_is_generate(tokenizer, max_new_tokens):
+    """Greedy: exactly transformers' generate on the prompts repeated G times (left padding, EOS, pad after it)."""
     model = tiny_model(tokenizer)
-    G, eos = 8, tokenizer.eos_token_id
+    G, eos = 3, tokenizer.eos_token_id
     ids, mask = encode(tokenizer, PROMPTS)
-    torch.manual_seed(11)
     ours = sample_completions(model, ids, mask, group_size=G, max_new_tokens=max_new_tokens, eos_ids=torch.tensor([eos]),
-                              pad_id=tokenizer.pad_token_id, do_sample=do_sample, temperature=temperature, top_p=top_p)
-    torch.manual_seed(11)
+                              pad_id=tokenizer.pad_token_id, do_sample=False)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    config = GenerationConfig(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id,
-                              **(dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}))
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
     theirs = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
                             generation_config=config)
-    assert ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
-    if do_sample and max_new_tokens > 2:
-        completions = ours[:, ids.shape[1]:]
-        assert (completions == eos).any(), "the test should cover rows that end early"
-        assert len({tuple(r) for r in completions.tolist()}) > len(PROMPTS), "groups should hold different samples"
+
+
+def _warped_probs(logits, temperature, top_p):
+    """The distribution generate samples from: transformers' own temperature and top-p warpers, then softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone()) if temperature != 1.0 else logits
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+def _assert_frequencies(draws, probs):
+    """Empirical frequencies of ``draws`` against exact ``probs``: within 5 sigma each; impossible ones never."""
+    n = draws.shape[0]
+    freq = torch.bincount(draws, minlength=probs.shape[0]).double() / n
+    p = probs.double()
+    assert (freq[p == 0] == 0).all(), "a token of probability 0 was drawn"
+    sigma = (p * (1 - p) / n).sqrt()
+    worst = ((freq - p).abs() / (sigma + 1e-12))[p > 0].max()
+    assert worst < 5, f"frequency off by {worst:.1f} sigma"
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.3, 0.8), (0.5, 0.6)],
+                         ids=["plain", "temp1.3-top_p0.8", "temp0.5-top_p0.6"])
+def test_next_token_draws_from_generates_distribution(seed, temperature, top_p):
+    """Inverse-CDF draws follow the distribution of transformers' warpers + softmax; filtered tokens never come up."""
+    from grpo_kernels.trainer.sampling import next_tokens
+
+    logits = torch.randn(3, 11) * 2
+    logits[0, 4] = -float("inf")
+    probs = _warped_probs(logits, temperature, top_p)
+    n = 40_000
+    draws = next_tokens(logits.repeat_interleave(n, 0), do_sample=True, temperature=temperature, top_p=top_p)
+    for row in range(3):
+        _assert_frequencies(draws[row * n:(row + 1) * n], probs[row])
+
+
+def test_shared_prompt_sampler_draws_from_the_model(tokenizer, seed):
+    """Whole completions (2 tokens, EOS and padding included) follow the model's exact sequence distribution,
+    computed with full forwards and transformers' warpers: the shared cache, positions and padding are right."""
+    model = tiny_model(tokenizer, seed=seed % 1000)
+    V, eos, pad = len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] += 0.5  # EOS often enough to test the padding after it
+    temperature, top_p, G = 1.2, 0.9, 30_000
+    ids, mask = encode(tokenizer, ["1+2=", "07+45="])  # different lengths: the short one is left-padded
+    out = sample_completions(model, ids, mask, group_size=G, max_new_tokens=2, eos_ids=torch.tensor([eos]), pad_id=pad,
+                             do_sample=True, temperature=temperature, top_p=top_p)
+    P = ids.shape[1]
+    for i in range(ids.shape[0]):
+        prompt = ids[i][mask[i].bool()]
+        with torch.no_grad():
+            p1 = _warped_probs(model(prompt[None]).logits[:, -1].float(), temperature, top_p)[0]
+            seconds = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], 1)
+            p2 = _warped_probs(model(seconds).logits[:, -1].float(), temperature, top_p)
+        exact = (p1[:, None] * p2).flatten()  # outcome t1 * V + t2
+        exact.view(V, V)[eos] = 0
+        exact.view(V, V)[eos, pad] = p1[eos]  # after EOS the row is padded
+        rows = out[i * G:(i + 1) * G, P:]
+        _assert_frequencies(rows[:, 0] * V + rows[:, 1], exact)
 
 
 def _completion_batch(tokenizer, G, shuffle=False):
@@ -125,21 +176,17 @@ def _trainer(tokenizer, tmp_path, **changes):
 
 
 def test_share_prompts_trains_like_the_repeated_path(tmp_path, tokenizer):
-    """Two steps with share_prompts on and off: the same samples, the same parameters after (to round-off)."""
-    runs = {}
-    for share in (True, False):
-        trainer = _trainer(tokenizer, tmp_path / str(share), share_prompts=share)
-        samples = []
+    """One batch, two updates with share_prompts on and off: the same parameters after (to round-off)."""
+    trainers = {share: _trainer(tokenizer, tmp_path / str(share), share_prompts=share) for share in (True, False)}
+    batch = trainers[False].sample()
+    advantages = trainers[False].advantages(trainers[False].rewards(batch))
+    assert advantages.abs().sum() > 0
+    for trainer in trainers.values():
         for _ in range(2):
-            batch = trainer.sample()
-            samples.append(batch.input_ids.clone())
-            trainer.update(batch, trainer.advantages(trainer.rewards(batch)))
-            trainer.step += 1
-        runs[share] = samples, [p.detach().clone() for p in trainer.model.parameters()]
-    for a, b in zip(runs[True][0], runs[False][0]):
-        assert torch.equal(a, b)
-    for a, b in zip(runs[True][1], runs[False][1]):
+            trainer.update(batch, advantages)
+    for a, b in zip(trainers[True].model.parameters(), trainers[False].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(next(trainers[True].model.parameters()), next(tiny_model(tokenizer).parameters()))
 
 
 def test_prompt_passes_cover_every_row_once_per_pass(tmp_path, tokenizer):
@@ -165,7 +212,7 @@ def test_prompt_sampling_with_replacement_is_unchanged(tmp_path, tokenizer):
     assert trainer._prompt_indices() == want
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
 def test_warmup_schedule_starts_at_zero_as_transformers(tmp_path, tokenizer):
     """warmup_from_zero: the rate of every update is transformers' cosine-with-warm-up (TRL's); default starts at 1/warmup."""
     from transformers import get_cosine_schedule_with_warmup
