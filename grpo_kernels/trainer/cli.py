@@ -173,8 +173,9 @@ def train(args: argparse.Namespace) -> int:
     train_rows, eval_rows = task.split()
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads must be an int >= 1; got {args.threads}")
-    # Even the built-in model's step runs faster on every core (measured on 2 vCPUs: 1.5x with 2
-    # threads than with 1), so the default is all of them, not torch's guess (physical cores).
+    # Even the built-in model's job ran 1.5x faster on 2 threads than on 1 (2 vCPUs, a quiet machine),
+    # so the default is every core this process may use, not torch's guess (physical cores). On a
+    # machine other jobs keep busy, --threads 1 avoids waiting on a descheduled second thread.
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     model, tokenizer = load_model_and_tokenizer(config.model, config.seed)
     trainer = GRPOTrainer(

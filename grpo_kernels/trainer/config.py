@@ -68,7 +68,8 @@ class TrainerConfig:
     ref_sync_alpha: float = field(default=1.0, metadata=_help("reference <- alpha * policy + (1 - alpha) * reference at a sync"))
     share_prompts: bool = field(default=True, metadata=_help(
         "run each prompt once per group and share its KV cache with the group's completions, in sampling and in every "
-        "forward (off: transformers generate and full forwards on the prompts repeated G times; same results, slower)"))
+        "forward (off: transformers generate and full forwards on the prompts repeated G times: the same distribution, "
+        "other draws for a seed, slower)"))
     dtype: str = field(default="float32", metadata=_help("float32, or bfloat16 (autocast, fp32 master weights)"))
     backend: str = field(default="auto", metadata=_help("kernel backend: auto | cpu | triton | torch | reference (materializes logits)"))
     save_steps: int = field(default=500, metadata=_help("checkpoint every this many steps (0: only at the end)"))
