@@ -206,8 +206,8 @@ def test_prompt_passes_cover_every_row_once_per_pass(tmp_path, tokenizer):
 
 
 def test_prompt_sampling_with_replacement_is_unchanged(tmp_path, tokenizer):
-    """The default draws prompts_per_step uniform indices from the trainer's generator, as before."""
-    trainer = _trainer(tokenizer, tmp_path)
+    """"replacement" (the default before passes) draws prompts_per_step uniform indices from the trainer's generator."""
+    trainer = _trainer(tokenizer, tmp_path, prompt_sampling="replacement")
     want = torch.randint(len(PROMPTS), (4,), generator=torch.Generator().manual_seed(5)).tolist()
     assert trainer._prompt_indices() == want
 

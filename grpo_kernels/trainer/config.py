@@ -40,7 +40,7 @@ class TrainerConfig:
     seed: int = field(default=0, metadata=_help("seeds model init (built-in model), prompt order and sampling"))
     steps: int = field(default=2000, metadata=_help("generation rounds; each does num_iterations optimizer updates"))
     prompts_per_step: int = field(default=32, metadata=_help("distinct prompts per generation round"))
-    prompt_sampling: str = field(default="replacement", metadata=_help(
+    prompt_sampling: str = field(default="passes", metadata=_help(
         "how each step's prompts are drawn: replacement (uniform, independent draws) | passes (shuffled passes over "
         "the training rows without replacement, as TRL's sampler)"))
     num_generations: int = field(default=8, metadata=_help("completions sampled per prompt (the group size G)"))
@@ -50,7 +50,7 @@ class TrainerConfig:
     learning_rate: float = field(default=1e-3, metadata=_help("peak AdamW learning rate"))
     lr_scheduler: str = field(default="cosine", metadata=_help("after warmup: constant | linear | cosine decay to 0"))
     warmup_steps: int = field(default=20, metadata=_help("optimizer updates of linear warm-up"))
-    warmup_from_zero: bool = field(default=False, metadata=_help(
+    warmup_from_zero: bool = field(default=True, metadata=_help(
         "warm-up starts at rate 0 (as transformers/TRL: update u gets u/warmup); off: at 1/warmup ((u+1)/warmup)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the global gradient norm to this"))
