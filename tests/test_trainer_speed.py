@@ -136,7 +136,11 @@ def _completion_batch(tokenizer, G, shuffle=False):
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["grouped", "not-grouped-falls-back"])
 def test_shared_prompt_forward_matches_full_forward(tokenizer, seed, shuffle):
-    """completion_hidden with group_size: the same hidden states and parameter gradients as the full forward."""
+    """completion_hidden with group_size: the same hidden states and parameter gradients as the full forward.
+
+    The shared path sums each prompt's gradient over its G copies in another order (and transformers'
+    RMSNorm runs in float32 whatever the model's dtype), so gradients agree to float32 round-off:
+    checked norm-wise per tensor; a wrong position, mask or repeat is an O(1) error."""
     model = tiny_model(tokenizer, seed=seed % 1000)
     G = 4
     ids, mask, P = _completion_batch(tokenizer, G, shuffle)
@@ -148,8 +152,9 @@ def test_shared_prompt_forward_matches_full_forward(tokenizer, seed, shuffle):
         (h * weights).sum().backward()
         out[g] = (h.detach(), [p.grad.clone() for p in model.parameters()])
     torch.testing.assert_close(out[G][0], out[1][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(out[G][1], out[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), out[G][1], out[1][1]):
+        rel = float((a - b).norm() / b.norm().clamp(min=1e-30))
+        assert rel < 2e-5, f"{name}: gradient differs by {rel:.1e} (norm-wise)"
 
 
 def test_shared_prompt_forward_with_one_completion_token(tokenizer):
