@@ -63,7 +63,7 @@ def spread_reward(prompts, completions, **_):
 
 def small_config(out_dir, **changes) -> TrainerConfig:
     base = dict(out_dir=str(out_dir), steps=4, prompts_per_step=4, num_generations=4, max_new_tokens=3,
-                learning_rate=1e-2, warmup_steps=1, save_steps=0, eval_steps=0)
+                learning_rate=1e-2, warmup_steps=1, warmup_from_zero=False, save_steps=0, eval_steps=0)
     return TrainerConfig(**{**base, **changes})
 
 

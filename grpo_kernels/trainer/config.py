@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16")
 TRAINER_BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
+PROMPT_SAMPLINGS = ("replacement", "passes")
 
 
 def _help(text: str) -> Any:
@@ -39,13 +40,18 @@ class TrainerConfig:
     seed: int = field(default=0, metadata=_help("seeds model init (built-in model), prompt order and sampling"))
     steps: int = field(default=2000, metadata=_help("generation rounds; each does num_iterations optimizer updates"))
     prompts_per_step: int = field(default=32, metadata=_help("distinct prompts per generation round"))
+    prompt_sampling: str = field(default="passes", metadata=_help(
+        "how each step's prompts are drawn: replacement (uniform, independent draws) | passes (shuffled passes over "
+        "the training rows without replacement, as TRL's sampler)"))
     num_generations: int = field(default=8, metadata=_help("completions sampled per prompt (the group size G)"))
     max_new_tokens: int = field(default=2, metadata=_help("completion length limit; generation also stops at EOS"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature (the loss uses the same one)"))
     top_p: float = field(default=1.0, metadata=_help("nucleus sampling threshold (1.0: off)"))
     learning_rate: float = field(default=1e-3, metadata=_help("peak AdamW learning rate"))
     lr_scheduler: str = field(default="cosine", metadata=_help("after warmup: constant | linear | cosine decay to 0"))
-    warmup_steps: int = field(default=20, metadata=_help("optimizer updates of linear warmup from 0"))
+    warmup_steps: int = field(default=20, metadata=_help("optimizer updates of linear warm-up"))
+    warmup_from_zero: bool = field(default=True, metadata=_help(
+        "warm-up starts at rate 0 (as transformers/TRL: update u gets u/warmup); off: at 1/warmup ((u+1)/warmup)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the global gradient norm to this"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per update (must divide prompts_per_step * num_generations)"))
@@ -60,6 +66,10 @@ class TrainerConfig:
     advantage_estimator: str = field(default="grpo", metadata=_help("grpo | rloo"))
     ref_sync_steps: int = field(default=0, metadata=_help("every this many steps mix the policy into the reference model (0: never)"))
     ref_sync_alpha: float = field(default=1.0, metadata=_help("reference <- alpha * policy + (1 - alpha) * reference at a sync"))
+    share_prompts: bool = field(default=True, metadata=_help(
+        "run each prompt once per group and share its KV cache with the group's completions, in sampling and in every "
+        "forward (off: transformers generate and full forwards on the prompts repeated G times: the same distribution, "
+        "other draws for a seed, slower)"))
     dtype: str = field(default="float32", metadata=_help("float32, or bfloat16 (autocast, fp32 master weights)"))
     backend: str = field(default="auto", metadata=_help("kernel backend: auto | cpu | triton | torch | reference (materializes logits)"))
     save_steps: int = field(default=500, metadata=_help("checkpoint every this many steps (0: only at the end)"))
@@ -91,6 +101,9 @@ class TrainerConfig:
         for name in ("seed", "warmup_steps", "ref_sync_steps", "save_steps", "eval_steps"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an int >= 0")
+        for name in ("warmup_from_zero", "share_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
         if not is_num(self.temperature) or self.temperature <= 0:
             raise bad("temperature", "a number > 0")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -106,7 +119,8 @@ class TrainerConfig:
         if not is_num(self.ref_sync_alpha) or not 0 < self.ref_sync_alpha <= 1:
             raise bad("ref_sync_alpha", "a number in (0, 1]")
         choices = {"lr_scheduler": SCHEDULES, "dtype": DTYPES, "backend": TRAINER_BACKENDS, "loss_type": LOSS_TYPES,
-                   "kl_estimator": KL_ESTIMATORS, "scale_rewards": SCALES, "advantage_estimator": ESTIMATORS}
+                   "kl_estimator": KL_ESTIMATORS, "scale_rewards": SCALES, "advantage_estimator": ESTIMATORS,
+                   "prompt_sampling": PROMPT_SAMPLINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, "one of " + ", ".join(allowed))

@@ -18,6 +18,7 @@ the kernels compute exactly the distribution ``generate`` samples from.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,8 @@ from typing import Optional
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -132,21 +134,53 @@ def lm_head(model: PreTrainedModel) -> tuple[nn.Parameter, Optional[nn.Parameter
     return head.weight, getattr(head, "bias", None)
 
 
-def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+def cache_kwargs(model: nn.Module, cache: DynamicCache) -> dict[str, object]:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def completion_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                      group_size: int = 1) -> Tensor:
     """Final hidden states at the positions that predict the completion tokens.
 
     Args:
         input_ids: [B, P + T] left-padded prompts followed by completions.
         attention_mask: [B, P + T], 0 on padding.
         prompt_len: P, the padded prompt length.
+        group_size: G; when rows ``i*G .. i*G+G-1`` share their prompt (GRPO's groups), each prompt
+            runs through the body once and its KV cache is shared by the group's completions. With
+            short completions the prompts are most of the tokens (the main job: 7 prompt tokens, 1
+            completion token run per row), so this is most of the forward and backward work.
+            Rows that do not share prompts fall back to the full forward. Gradients flow through
+            the shared cache to every completion, as in the full forward.
 
     Returns:
         [B, T, D]: row i, position t predicts ``input_ids[i, P + t]``.
     """
     # The position ids generate() used: count real tokens only, so left padding does not shift them.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    B, P = input_ids.shape[0], prompt_len
+    if group_size > 1 and B % group_size == 0 and _prompts_shared(input_ids[:, :P], attention_mask[:, :P], group_size):
+        cache = DynamicCache(config=model.config)
+        first = model.base_model(input_ids=input_ids[::group_size, :P], attention_mask=attention_mask[::group_size, :P],
+                                 position_ids=positions[::group_size, :P], **cache_kwargs(model.base_model, cache))
+        parts = [first.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)]
+        if input_ids.shape[1] > P + 1:
+            cache.batch_repeat_interleave(group_size)
+            rest = model.base_model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                                    position_ids=positions[:, P:-1], **cache_kwargs(model.base_model, cache))
+            parts.append(rest.last_hidden_state)
+        return torch.cat(parts, dim=1)
     # The last token predicts nothing we train on, so the body runs without it.
     out = model.base_model(
         input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], use_cache=False
     )
     return out.last_hidden_state[:, prompt_len - 1 :]
+
+
+def _prompts_shared(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
+    """Whether every group of ``group_size`` consecutive rows holds one prompt (ids and padding)."""
+    ids = prompt_ids.view(-1, group_size, prompt_ids.shape[1])
+    mask = prompt_mask.view(-1, group_size, prompt_mask.shape[1])
+    return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())

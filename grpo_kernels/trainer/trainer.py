@@ -1,8 +1,11 @@
 """GRPOTrainer: one GRPO step is sample -> reward -> advantages -> log-probs -> updates.
 
-1. ``sample``: ``prompts_per_step`` task rows, each prompt repeated G = ``num_generations`` times,
-   completions drawn with ``transformers`` ``generate`` (temperature, top_p, max_new_tokens,
-   stopping at EOS). The batch is prompt-major: rows ``i*G .. i*G+G-1`` share a prompt.
+1. ``sample``: ``prompts_per_step`` task rows (uniform draws, or shuffled passes without
+   replacement), G = ``num_generations`` completions of each (temperature, top_p,
+   max_new_tokens, stopping at EOS). Each prompt runs through the model once and its KV cache
+   is shared by its G completions (:func:`sample_completions`: the draws ``generate`` makes on
+   the repeated prompts); ``share_prompts = False`` calls ``generate`` itself. The batch is
+   prompt-major: rows ``i*G .. i*G+G-1`` share a prompt.
 2. ``advantages``: each reward function scores every completion (None -> NaN, unscorable), and
    :func:`grpo_kernels.group_advantages` turns the weighted reward columns into one advantage per
    completion, normalized within its group.
@@ -13,6 +16,8 @@
    micro-batches through :class:`grpo_kernels.FusedLinearGRPOLoss` on the model's final hidden
    states and LM-head weight, clipping the gradient norm and stepping the LR schedule.
 
+Every forward of the body shares the prompts the same way (:func:`completion_hidden` with the
+group size): with the main job's 7-token prompts and 2-token answers that is most of the work.
 The logits are never materialized: neither for the loss nor for the old/reference log-probs.
 Dropout is off throughout (the model stays in eval mode): the importance ratio compares the
 policy with itself, and dropout noise would make it differ from 1 even on-policy.
@@ -60,6 +65,7 @@ from .config import TrainerConfig
 from .metrics import JsonlLog, plot_metrics
 from .model import HeadSpec, completion_hidden, lm_head
 from .rewards import RewardFn, combine, compute_rewards, reward_name
+from .sampling import sample_completions
 
 Row = dict[str, Any]
 
@@ -94,16 +100,29 @@ class Batch:
         return len(self.rows)
 
 
-def lr_factor(update: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at optimizer update ``update`` (0-based) of ``total``."""
+def lr_factor(update: int, warmup: int, total: int, schedule: str, from_zero: bool = False) -> float:
+    """Multiplier of the peak learning rate at optimizer update ``update`` (0-based) of ``total``.
+
+    Warm-up rises linearly over ``warmup`` updates: from 1/warmup at update 0, or with
+    ``from_zero`` from 0 (as ``transformers``' schedules, hence TRL: the first update then only
+    moves the AdamW moments).
+    """
     if update < warmup:
-        return (update + 1) / warmup
+        return (update + (0 if from_zero else 1)) / warmup
     progress = min(1.0, (update - warmup) / max(1, total - warmup))
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - progress
     return 1.0
+
+
+def pass_order(seed: int, k: int, n: int) -> list[int]:
+    """The order of pass ``k`` over ``n`` training rows under ``prompt_sampling = "passes"``: a permutation.
+
+    Each pass is shuffled by its own generator, seeded from the run's seed and the pass number.
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + k)).tolist()
 
 
 class GRPOTrainer:
@@ -194,12 +213,16 @@ class GRPOTrainer:
         if config.beta > 0:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Fused AdamW (one kernel over all parameters, as TRL's default adamw_torch_fused) where torch has one;
+        # on the built-in model the per-parameter loop of the plain one costs 3x more.
+        fused = self.device.type in ("cpu", "cuda") or None
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           fused=fused)
         total = config.steps * config.num_iterations
-        warmup, schedule = config.warmup_steps, config.lr_scheduler
+        warmup, schedule, from_zero = config.warmup_steps, config.lr_scheduler, config.warmup_from_zero
         # A closure (not a bound method or partial): LambdaLR's state_dict then stores nothing for it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda u: lr_factor(u, warmup, total, schedule))
+            self.optimizer, lambda u: lr_factor(u, warmup, total, schedule, from_zero))
 
     # ---------------------------------------------------------------- sampling and rewards
 
@@ -221,22 +244,55 @@ class GRPOTrainer:
                                            skip_special_tokens=True)
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], generation_config: GenerationConfig) -> tuple[Tensor, Tensor, int]:
-        """(input_ids [B, P + T], attention_mask [B, P + T], P) of prompts and their completions."""
+    def _generate(self, prompts: list[str], do_sample: bool, group_size: int = 1) -> tuple[Tensor, Tensor, int]:
+        """(input_ids [B, P + T], attention_mask [B, P + T], P) of ``group_size`` completions of each prompt.
+
+        B = len(prompts) * group_size, prompt-major. With ``share_prompts`` each prompt runs once and
+        its KV cache is shared by its group (:func:`sample_completions`); otherwise ``generate``
+        runs on the prompts repeated ``group_size`` times.
+        """
         ids, mask = self._encode(prompts)
+        cfg = self.config
         with self._autocast():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+            if cfg.share_prompts:
+                out = sample_completions(self.model, ids, mask, group_size=group_size, max_new_tokens=cfg.max_new_tokens,
+                                         eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id, do_sample=do_sample,
+                                         temperature=cfg.temperature, top_p=cfg.top_p)
+            else:
+                ids, mask = ids.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
+                out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                          generation_config=self.sampling if do_sample else self.greedy)
         P = ids.shape[1]
+        mask = mask.repeat_interleave(out.shape[0] // mask.shape[0], dim=0)
         return out, torch.cat([mask, self._completion_mask(out[:, P:])], dim=1), P
+
+    def _prompt_indices(self) -> list[int]:
+        """Indices into train_rows of this step's prompts (``prompt_sampling``).
+
+        "passes": the step's slots ``step*M .. step*M+M-1`` of an endless sequence of shuffled passes
+        over the rows, pass k shuffled by a generator seeded from (seed, k): a function of the step
+        alone, so a resumed run draws what the uninterrupted one would. "replacement": M uniform
+        draws from the trainer's generator.
+        """
+        cfg, n, M = self.config, len(self.train_rows), self.config.prompts_per_step
+        if cfg.prompt_sampling == "replacement":
+            return torch.randint(n, (M,), generator=self.generator).tolist()
+        out, slot = [], self.step * M
+        while len(out) < M:
+            k, at = divmod(slot, n)
+            order = pass_order(cfg.seed, k, n)
+            take = order[at: at + M - len(out)]
+            out += take
+            slot += len(take)
+        return out
 
     def sample(self) -> Batch:
         """Draw prompts_per_step training rows and G completions of each."""
         G = self.config.num_generations
-        idx = torch.randint(len(self.train_rows), (self.config.prompts_per_step,), generator=self.generator)
-        rows = [self.train_rows[i] for i in idx.tolist() for _ in range(G)]
-        prompts = [r["prompt"] for r in rows]
-        ids, mask, P = self._generate(prompts, self.sampling)
-        return Batch(rows, prompts, self._decode(ids[:, P:], mask[:, P:]), ids, mask, P)
+        unique = [self.train_rows[i] for i in self._prompt_indices()]
+        rows = [r for r in unique for _ in range(G)]
+        ids, mask, P = self._generate([r["prompt"] for r in unique], do_sample=True, group_size=G)
+        return Batch(rows, [r["prompt"] for r in rows], self._decode(ids[:, P:], mask[:, P:]), ids, mask, P)
 
     def rewards(self, batch: Batch) -> Tensor:
         """Rewards [B, R] of a batch, one column per reward function, NaN for unscorable."""
@@ -257,6 +313,11 @@ class GRPOTrainer:
         dt = torch.bfloat16 if self.bf16 else weight.dtype
         return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
 
+    def _hidden(self, model: PreTrainedModel, batch: Batch, sl: slice) -> Tensor:
+        """Final hidden states [b, T, D] predicting the completion tokens of rows ``sl``."""
+        G = self.config.num_generations if self.config.share_prompts else 1
+        return completion_hidden(model, batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_len, group_size=G)
+
     def _micro_batches(self, n: int) -> list[slice]:
         size = n // self.config.gradient_accumulation_steps
         return [slice(s, s + size) for s in range(0, n, size)]
@@ -268,7 +329,7 @@ class GRPOTrainer:
         targets = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
         for sl in self._micro_batches(len(batch)):
             with self._autocast():
-                hidden = completion_hidden(model, batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_len)
+                hidden = self._hidden(model, batch, sl)
             h, w, b = self._head(model, hidden)
             out[sl] = self.logprob_fn(h, w, targets[sl], bias=b, temperature=self.kernel_temperature,
                                       softcap=self.kernel_softcap).float()
@@ -293,7 +354,7 @@ class GRPOTrainer:
             loss = 0.0
             for sl in slices:
                 with self._autocast():
-                    hidden = completion_hidden(self.model, batch.input_ids[sl], batch.attention_mask[sl], batch.prompt_len)
+                    hidden = self._hidden(self.model, batch, sl)
                 h, w, b = self._head(self.model, hidden)
                 out = self.loss_fn(h, w, ids[sl], mask[sl], advantages[sl], bias=b, num_items_in_batch=n_items,
                                    old_logp=None if old_logp is None else old_logp[sl],
@@ -361,7 +422,7 @@ class GRPOTrainer:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s: s + batch_size]
             prompts = [r["prompt"] for r in chunk]
-            ids, mask, P = self._generate(prompts, self.greedy)
+            ids, mask, P = self._generate(prompts, do_sample=False)
             columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
             completions = self._decode(ids[:, P:], mask[:, P:])
             scores.append(compute_rewards([self.eval_fn], prompts, completions, columns, timeout=self.reward_timeout)[:, 0])
