@@ -86,9 +86,8 @@ from . import backends
 from .backends import LogprobsParams
 from .config import GRPOConfig
 from ._checks import DataChecks, check_kept_ids, check_lm_head
-from .policy_loss import DPGroup, GRPOLossOutput, check_dp_group, grpo_loss_unchecked, validate_loss_inputs
+from .policy_loss import DPGroup, GRPOLossOutput, Number, check_dp_group, grpo_loss_unchecked, validate_loss_inputs
 
-Number = Union[int, float, Tensor]
 
 
 @dataclass(frozen=True)

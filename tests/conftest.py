@@ -21,6 +21,18 @@ def _poison_outputs():
     backends.set_poison(False)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The built-in character tokenizer of the trainer, left-padded (the trainer tests' models use it)."""
+    from transformers import AutoTokenizer
+
+    from grpo_kernels.trainer.model import ASSETS
+
+    tok = AutoTokenizer.from_pretrained(ASSETS)
+    tok.padding_side = "left"
+    return tok
+
+
 @pytest.fixture
 def seed():
     """Fresh random inputs every run; the seed is printed on failure for replay."""

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     CohereConfig,
     Gemma2Config,
     GraniteConfig,
@@ -39,20 +38,13 @@ from grpo_kernels.trainer.model import ASSETS
 TASK = ArithmeticTask(max_operand=9, num_eval=10, pad_answer=False)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = AutoTokenizer.from_pretrained(ASSETS)
-    tok.padding_side = "left"
-    return tok
-
-
-def tiny_model(tokenizer, seed: int = 0):
-    """A 2-layer Llama with tied embeddings over the built-in tokenizer."""
+def tiny_model(tokenizer, seed: int = 0, **config):
+    """A 2-layer Llama with tied embeddings over the built-in tokenizer (``config`` overrides LlamaConfig fields)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+    cfg = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id), **config})
     return AutoModelForCausalLM.from_config(cfg)
 
 

@@ -11,30 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+from transformers import GenerationConfig
 
 from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, cli, completion_hidden
-from grpo_kernels.trainer.model import ASSETS
 from grpo_kernels.trainer.sampling import sample_completions
 from grpo_kernels.trainer.trainer import lr_factor, pass_order
+
+import test_trainer as trainer_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = AutoTokenizer.from_pretrained(ASSETS)
-    tok.padding_side = "left"
-    return tok
-
-
 def tiny_model(tokenizer, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, initializer_range=0.1)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    """test_trainer's tiny Llama in eval mode, with room for longer prompts and larger initial logits."""
+    return trainer_tests.tiny_model(tokenizer, seed, max_position_embeddings=64, initializer_range=0.1).eval()
 
 
 # Prompts of different lengths, so the batch is left-padded.
