@@ -56,7 +56,7 @@ def torchrun(*args: str, nproc: int = 2, script: str | None = None, timeout: flo
 
 
 def one_process(*args: str) -> None:
-    assert main(["train", *args, "--threads", "1"]) == 0
+    assert main(["train", *args, "--threads", "1", "--no-progress"]) == 0
 
 
 def final_params(run: Path) -> list[torch.Tensor]:
