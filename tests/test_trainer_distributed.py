@@ -189,3 +189,53 @@ def test_bad_distributed_settings_are_named(tmp_path):
     model, tokenizer = load_model_and_tokenizer(None, 0)
     with pytest.raises(ValueError, match="fsdp=True needs an initialized torch.distributed process group"):
         GRPOTrainer(config, model, tokenizer, [{"prompt": "1+1="}], [exact_match], fsdp=True)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-process gloo group in this process: the data-parallel code path (DDP, DCP) without a launch."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_dcp_checkpoint_that_does_not_fit_is_refused(tmp_path, one_rank_group, tokenizer):
+    """Format 3 checked like format 2: state.json fields, the optimizer's parameter names, the beta, the tensors."""
+    import test_trainer
+
+    config = TrainerConfig(out_dir=str(tmp_path / "run"), steps=2, prompts_per_step=2, num_generations=2, save_steps=1,
+                           eval_steps=0, beta=0.0)
+    model, tok = load_model_and_tokenizer(None, 0)
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    trainer = GRPOTrainer(config, model, tok, rows, [exact_match])
+    assert trainer.dp is not None and trainer.dp.world_size == 1
+    trainer.train(progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert read_state(ckpt)["format"] == DCP_FORMAT_VERSION
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+
+    def fresh(cfg=config, model=None):
+        return GRPOTrainer(cfg, model or load_model_and_tokenizer(None, 0)[0], tok, rows, [exact_match])
+
+    assert fresh().load_checkpoint(ckpt) == ckpt  # the checkpoint itself is fine
+    with pytest.raises(ValueError, match="has no reference model"):
+        fresh(config.replace(beta=0.1)).load_checkpoint(ckpt)
+    other = test_trainer.tiny_model(tokenizer)  # another architecture: other names and shapes
+    with pytest.raises(ValueError, match="optimizer.param_groups\\[0\\]"):
+        fresh(model=other).load_checkpoint(ckpt)
+    narrow = test_trainer.tiny_model(tokenizer, num_hidden_layers=4)  # the same names, other shapes
+    with pytest.raises(ValueError, match="DCP tensors do not fit this run.s model and optimizer .Size mismatch"):
+        fresh(model=narrow).load_checkpoint(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    for field, value, message in (("world_size", 0, "world_size must be an int >= 1"),
+                                  ("optimizer", {"param_groups": [dict(state["optimizer"]["param_groups"][0],
+                                                                       params=["x"] * 38)]},
+                                   "optimizer.param_groups\\[0\\].params must be this optimizer's parameter names")):
+        (ckpt / "state.json").write_text(json.dumps({**state, field: value}))
+        with pytest.raises(ValueError, match=message):
+            fresh().load_checkpoint(ckpt)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    (ckpt / "__0_0.distcp").write_bytes(b"\0" + (ckpt / "__0_0.distcp").read_bytes()[1:])
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        fresh().load_checkpoint(ckpt)

@@ -571,11 +571,14 @@ def load_dcp(ckpt: Path, state: dict[str, Any]) -> None:
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(state, storage_reader=_reader(ckpt), no_dist=not (dist.is_available() and dist.is_initialized()))
     except CheckpointError:
         raise
-    except Exception as exc:  # DCP wraps every rank's failure in a CheckpointException
-        inner = re.sub(r"\s+", " ", str(exc))
-        raise CheckpointError(f"{ckpt}: the DCP tensors do not fit this run's model and optimizer ({_short(inner)})") from exc
+    except (Exception, CheckpointException) as exc:  # DCP wraps every rank's failure in a CheckpointException
+        inner = re.sub(r"\s+", " ", str(exc))  # (a BaseException); its text holds each rank's traceback
+        reason = re.findall(r"(?:ValueError|RuntimeError|KeyError): ([^\n]*?)(?= File |$)", inner) or [inner]
+        raise CheckpointError(f"{ckpt}: the DCP tensors do not fit this run's model and optimizer "
+                              f"({reason[-1][:300]})") from exc

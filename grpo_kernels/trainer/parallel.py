@@ -17,6 +17,7 @@ then the gathered plain tensor, the case the fused loss handles without DTensors
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -129,10 +130,12 @@ def wrap(model: nn.Module, dp: Optional[DataParallel], trainable: bool) -> nn.Mo
         return call
     from torch.nn.parallel import DistributedDataParallel
 
-    # No buffer broadcast: the model's buffers (rotary tables) are never trained, and generation
-    # would otherwise broadcast them on every forward.
+    # No buffer broadcast in the forward: the model's buffers (rotary tables) are never trained, and
+    # generation would otherwise broadcast them on every forward (torch >= 2.13 names the switch anew).
     device_ids = [dp.device.index] if dp.device.type == "cuda" else None
-    return DistributedDataParallel(call, device_ids=device_ids, broadcast_buffers=False)
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(call, device_ids=device_ids, **no_sync)
 
 
 @contextlib.contextmanager
