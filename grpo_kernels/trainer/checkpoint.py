@@ -582,3 +582,63 @@ def load_dcp(ckpt: Path, state: dict[str, Any]) -> None:
         reason = re.findall(r"(?:ValueError|RuntimeError|KeyError): ([^\n]*?)(?= File |$)", inner) or [inner]
         raise CheckpointError(f"{ckpt}: the DCP tensors do not fit this run's model and optimizer "
                               f"({reason[-1][:300]})") from exc
+
+
+def state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                ref_model: Optional[torch.nn.Module]) -> dict[str, Any]:
+    """Model, optimizer (keyed by parameter name) and reference state dicts in the run's layout (DTensor shards
+    under FSDP2), as DCP saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_sd, optimizer_sd = get_state_dict(model, optimizer)
+    out = {"model": model_sd, "optimizer": optimizer_sd}
+    if ref_model is not None:
+        out["ref_model"] = get_model_state_dict(ref_model)
+    return out
+
+
+def load_state_dicts(ckpt: Path, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     ref_model: Optional[torch.nn.Module]) -> None:
+    """Model, reference and optimizer from a format 3 checkpoint (into any world size, one process included), or
+    from a format 2 one into a data-parallel run; checked before anything is loaded.
+
+    ``state`` is the checkpoint's :func:`read_state`. Format 3: state.json's optimizer groups must
+    have the live optimizer's structure and parameter names, then DCP plans the load (names, global
+    shapes) and reshards. Format 2: the one-process checks (:func:`read_optimizer`,
+    :func:`read_weights`) on the full tensors, which each rank then shards (FSDP2) or keeps (DDP).
+
+    Raises:
+        CheckpointError: naming the file and the field, or DCP's reason.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    state_path = ckpt / STATE_FILE
+    if ref_model is not None and not (state["config"]["beta"] > 0):
+        raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has a reference model "
+                              "(beta > 0)")
+    live = state_dicts(model, optimizer, ref_model)
+    names = [n for g in live["optimizer"]["param_groups"] for n in g["params"]]
+    if state["format"] == DCP_FORMAT_VERSION:
+        saved = state["optimizer"]
+        check_like(state_path, "optimizer", saved, {"param_groups": live["optimizer"]["param_groups"]})
+        for i, (group, want) in enumerate(zip(saved["param_groups"], live["optimizer"]["param_groups"])):
+            check_range(state_path, f"optimizer.param_groups[{i}].params", group["params"],
+                        lambda v, w=want["params"]: v == w, "this optimizer's parameter names")
+        load_dcp(ckpt, live)  # in place, resharded to this run's layout
+        set_state_dict(model, optimizer, model_state_dict=live["model"], optim_state_dict=live["optimizer"])
+        if ref_model is not None:
+            set_model_state_dict(ref_model, live["ref_model"])
+        return
+    full_optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", optimizer, state["optimizer"])
+    weights = read_weights(ckpt / "model.safetensors", model)
+    ref_weights = None if ref_model is None else read_weights(ckpt / "ref_model.safetensors", ref_model)
+    groups, at = [], 0
+    for g in full_optimizer["param_groups"]:  # parameter indices -> names
+        groups.append(dict(g, params=names[at: at + len(g["params"])]))
+        at += len(g["params"])
+    full = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: tied weights are stored once
+    set_state_dict(model, optimizer, model_state_dict=weights, options=full,
+                   optim_state_dict={"state": {names[i]: st for i, st in full_optimizer["state"].items()},
+                                     "param_groups": groups})
+    if ref_weights is not None:
+        set_model_state_dict(ref_model, ref_weights, options=full)

@@ -64,17 +64,17 @@ from .checkpoint import (
     FORMAT_VERSION,
     STATE_FILE,
     CheckpointError,
+    _unb64,
     check_scheduler,
-    check_like,
-    check_range,
     latest_checkpoint,
-    load_dcp,
+    load_state_dicts,
     read_optimizer,
     read_state,
     read_weights,
     rng_state,
     save_dcp,
     save_optimizer,
+    state_dicts,
     step_dir_name,
     set_rng_state,
     write_checkpoint,
@@ -583,21 +583,11 @@ class GRPOTrainer:
 
         return write_checkpoint(Path(cfg.out_dir) / "checkpoints", self.step, write, cfg.keep_checkpoints)
 
-    def _state_dicts(self) -> dict[str, Any]:
-        """Model, optimizer (keyed by parameter name) and reference state dicts in this run's layout, for DCP."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        model, optimizer = get_state_dict(self.model, self.optimizer)
-        out = {"model": model, "optimizer": optimizer}
-        if self.ref_model is not None:
-            out["ref_model"] = get_model_state_dict(self.ref_model)
-        return out
-
     def _save_sharded(self) -> Path:
         """Format 3: every rank writes its DCP shards into rank 0's temporary directory, then rank 0
         writes state.json (with every file's checksum) and renames the directory into place."""
         cfg, dp = self.config, self.dp
-        state = self._state_dicts()
+        state = state_dicts(self.model, self.optimizer, self.ref_model)
 
         def write(d: Path) -> None:
             parallel.broadcast(str(d), dp)  # the other ranks write their shards there too
@@ -616,49 +606,6 @@ class GRPOTrainer:
             final = root / step_dir_name(self.step)
         torch.distributed.barrier()  # rank 0 has renamed it: the checkpoint is complete for every rank
         return final
-
-    def _load_state_dicts(self, ckpt: Path, state: dict[str, Any]) -> None:
-        """Model, reference and optimizer from a DCP checkpoint (any world size, one process included), or from a
-        one-process checkpoint into a data-parallel run; checked before anything is loaded."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-        state_path = ckpt / STATE_FILE
-        live = self._state_dicts()
-        names = [n for g in live["optimizer"]["param_groups"] for n in g["params"]]
-        if state["format"] == DCP_FORMAT_VERSION:
-            saved = state["optimizer"]
-            check_like(state_path, "optimizer", saved, {"param_groups": live["optimizer"]["param_groups"]})
-            for i, (group, want) in enumerate(zip(saved["param_groups"], live["optimizer"]["param_groups"])):
-                check_range(state_path, f"optimizer.param_groups[{i}].params", group["params"],
-                            lambda v, w=want["params"]: v == w, "this optimizer's parameter names")
-            if self.ref_model is not None and state["config"]["beta"] == 0:
-                raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
-                                      f"{self.config.beta}")
-            load_dcp(ckpt, live)  # in place, resharded to this run's layout
-            set_state_dict(self.model, self.optimizer, model_state_dict=live["model"], optim_state_dict=live["optimizer"])
-            if self.ref_model is not None:
-                set_model_state_dict(self.ref_model, live["ref_model"])
-            return
-        # Format 2 (one process) into a data-parallel run: the full tensors, checked as in one process, then
-        # each rank keeps its shard (FSDP2) or the whole (DDP).
-        optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", self.optimizer, state["optimizer"])
-        weights = read_weights(ckpt / "model.safetensors", self.model)
-        ref_weights = None
-        if self.ref_model is not None:
-            if "ref_model.safetensors" not in state["files"]:
-                raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
-                                      f"{self.config.beta}")
-            ref_weights = read_weights(ckpt / "ref_model.safetensors", self.ref_model)
-        groups, at = [], 0
-        for g in optimizer["param_groups"]:
-            groups.append(dict(g, params=names[at: at + len(g["params"])]))
-            at += len(g["params"])
-        full = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: tied weights are stored once
-        set_state_dict(self.model, self.optimizer, model_state_dict=weights, options=full,
-                       optim_state_dict={"state": {names[i]: st for i, st in optimizer["state"].items()},
-                                         "param_groups": groups})
-        if ref_weights is not None:
-            set_model_state_dict(self.ref_model, ref_weights, options=full)
 
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore model, reference model, optimizer, scheduler, RNGs and step from a checkpoint.
@@ -700,9 +647,13 @@ class GRPOTrainer:
                 self.ref_model.load_state_dict(ref_weights, strict=False)
             self.optimizer.load_state_dict(optimizer)
         else:
-            self._load_state_dicts(ckpt, state)
+            load_state_dicts(ckpt, state, self.model, self.optimizer, self.ref_model)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.generator)
+        if self.dp is not None and self.dp.device.type == "cuda" and "cuda" in state["rng"]:
+            # Rank 0 sampled on cuda:0, each rank r on its own cuda:LOCAL_RANK, all from one state: continue from
+            # rank 0's (untested: no GPU run has been made).
+            torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"][0]), self.dp.device)
         self._apply_config_to_optimizer()
         self.step = state["step"]
         return ckpt
