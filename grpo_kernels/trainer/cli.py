@@ -26,9 +26,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import parallel
 from .checkpoint import STATE_FILE, latest_checkpoint, read_state
 from .config import TrainerConfig
-from . import parallel
 from .model import load_model_and_tokenizer
 from .tasks import ArithmeticTask, digit_match, exact_match
 from .trainer import GRPOTrainer
@@ -211,7 +211,7 @@ def train(args: argparse.Namespace) -> int:
     where = "the built-in tiny model (random init)" if config.model is None else config.model
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {where}, {n_params / 1e6:.2f}M parameters; task: {len(train_rows)} training prompts like "
-          f"{train_rows[0]['prompt']!r}, {len(eval_rows)} held-out prompts")
+        f"{train_rows[0]['prompt']!r}, {len(eval_rows)} held-out prompts")
     if ckpt is not None:
         try:
             trainer.load_checkpoint(ckpt)

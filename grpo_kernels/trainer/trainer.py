@@ -74,9 +74,9 @@ from .checkpoint import (
     rng_state,
     save_dcp,
     save_optimizer,
+    set_rng_state,
     state_dicts,
     step_dir_name,
-    set_rng_state,
     write_checkpoint,
     write_state,
 )
