@@ -127,9 +127,9 @@ KILLED_CHILD = textwrap.dedent("""
 """)
 
 
-def test_kill_mid_checkpoint_then_resume_in_one_process(reference, tmp_path):
-    """SIGKILL of the 2-process job mid-write of the step-4 checkpoint: the step-2 one is the newest complete
-    one, and resuming it in ONE process ends where the uninterrupted one-process run ends."""
+def test_kill_mid_checkpoint_then_resume_on_two_or_one_process(reference, tmp_path):
+    """SIGKILL of the 2-process (DDP) job mid-write of the step-4 checkpoint: the step-2 one is the newest complete
+    one, and resuming it on 2 FSDP2 processes, or on ONE process, ends where the uninterrupted run ends."""
     out = tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(KILLED_CHILD)
@@ -153,6 +153,12 @@ def test_kill_mid_checkpoint_then_resume_in_one_process(reference, tmp_path):
         child.wait(30)
     assert latest_checkpoint(out).name == "step_00000002"
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step_00000004")]  # the torn write
+    again = tmp_path / "again"  # the same killed run, resumed on 2 processes instead, and with FSDP2 (resharded)
+    shutil.copytree(out, again)
+    torchrun("--resume", str(again), "--fsdp")
+    diff = max_diff(final_params(reference), final_params(again))
+    print(f"killed at the step-4 write, resumed from step 2 in 2 FSDP2 processes: max |param - uninterrupted| = {diff:.2e}")
+    assert diff < TOL and [r["step"] for r in records(again)] == [0, 1, 2, 3, 4]
     one_process("--resume", str(out))
     assert read_state(latest_checkpoint(out))["format"] == FORMAT_VERSION  # one process writes format 2 again
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
