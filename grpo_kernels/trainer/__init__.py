@@ -3,7 +3,8 @@
 ``GRPOTrainer`` samples completions with ``transformers`` ``generate``, scores them with reward
 functions, and updates the policy through :class:`grpo_kernels.FusedLinearGRPOLoss` on the
 model's final hidden states: one file per step of the story (tasks -> rewards -> trainer), plus
-the model/tokenizer loading, checkpoints, metrics and the command line.
+the model/tokenizer loading, checkpoints, metrics, the command line, and data parallelism
+under torchrun (``parallel``).
 """
 
 from .checkpoint import CheckpointError, latest_checkpoint

@@ -15,6 +15,16 @@ checksums, so an edited or corrupted checkpoint is refused with an error naming 
 the field instead of resuming from wrong numbers.
 
 Loading reads safetensors and JSON only: a checkpoint from an untrusted source cannot run code.
+
+A data-parallel run (torchrun) writes format 3 instead: the tensors through
+``torch.distributed.checkpoint`` (DCP: each rank writes its shards, ``__<rank>_0.distcp``, and
+rank 0 the ``.metadata`` index), ``state.json`` with the same fields plus ``world_size``, written
+by rank 0 after every rank's files, and the same temporary directory and rename. DCP stores each
+tensor with its global shape, so a format 3 checkpoint loads into any number of processes, one
+included, DDP or FSDP2; a format 2 checkpoint loads into a data-parallel run as well. DCP's index
+is a pickle: it is read with an unpickler that builds only DCP's own metadata classes (and torch
+sizes and dtypes), and its other values with ``torch.load(weights_only=True)``, so format 3 cannot
+run code either.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -41,11 +52,15 @@ from .config import TrainerConfig
 
 # 2: state.json records a checksum per file (format 1 checkpoints had none and are refused).
 FORMAT_VERSION = 2
+# 3: a data-parallel run's checkpoint: DCP files instead of the safetensors, and world_size.
+DCP_FORMAT_VERSION = 3
 STATE_FILE = "state.json"
 # Every top-level field of state.json; read_state refuses a missing or unknown one.
 STATE_KEYS = ("format", "step", "config", "metadata", "scheduler", "optimizer", "rng", "files")
+DCP_STATE_KEYS = STATE_KEYS + ("world_size",)
 # Tensor files every checkpoint has (ref_model.safetensors too when beta > 0).
 REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors")
+DCP_REQUIRED_FILES = (".metadata",)  # DCP's index of every rank's shards
 _NAME = re.compile(r"^step_(\d+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -149,12 +164,14 @@ def write_state(d: Path, state: dict[str, Any]) -> None:
 def read_state(ckpt: Path, verify_files: bool = True) -> dict[str, Any]:
     """The checkpoint's state.json with every field checked, and (``verify_files``) every file's checksum.
 
-    Checked here: the format version; exactly the fields of :data:`STATE_KEYS`; ``config`` is a
+    Checked here: the format version (2, or 3 for DCP); exactly the fields of :data:`STATE_KEYS`
+    (:data:`DCP_STATE_KEYS` for format 3, ``world_size`` an int >= 1); ``config`` is a
     valid :class:`TrainerConfig` with exactly its fields; ``step`` is an int in ``[0,
     config.steps]`` equal to the directory's ``step_<N>``; ``metadata``, ``scheduler`` and
     ``optimizer`` are objects (the trainer checks the last two against its live optimizer); each
     RNG state is one its generator accepts; ``files`` lists at least :data:`REQUIRED_FILES`, and
-    each listed file exists with the recorded size and SHA-256.
+    each listed file exists with the recorded size and SHA-256 (:data:`DCP_REQUIRED_FILES` for
+    format 3).
 
     Raises:
         CheckpointError: naming state.json (or the file whose checksum fails) and the field.
@@ -170,15 +187,20 @@ def read_state(ckpt: Path, verify_files: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from exc
     if not isinstance(state, dict):
         raise bad("the top level", "a JSON object", state)
-    if state.get("format") != FORMAT_VERSION:
-        old = " (format 1 was written before checksums were recorded)" if state.get("format") == 1 else ""
-        raise bad("format", f"{FORMAT_VERSION}, the version this grpo_kernels reads{old}", state.get("format"))
-    for key in STATE_KEYS:
+    fmt = state.get("format")
+    if fmt not in (FORMAT_VERSION, DCP_FORMAT_VERSION) or isinstance(fmt, bool):
+        old = " (format 1 was written before checksums were recorded)" if fmt == 1 else ""
+        raise bad("format", f"{FORMAT_VERSION} (one process) or {DCP_FORMAT_VERSION} (torch.distributed.checkpoint), the "
+                  f"versions this grpo_kernels reads{old}", fmt)
+    keys = STATE_KEYS if fmt == FORMAT_VERSION else DCP_STATE_KEYS
+    for key in keys:
         if key not in state:
             raise CheckpointError(f"{path}: {key} must be present; the field is missing")
     for key in state:
-        if key not in STATE_KEYS:
-            raise bad(key, "absent (not a checkpoint field: " + ", ".join(STATE_KEYS) + ")", state[key])
+        if key not in keys:
+            raise bad(key, "absent (not a checkpoint field: " + ", ".join(keys) + ")", state[key])
+    if fmt == DCP_FORMAT_VERSION and not (_is_int(state["world_size"]) and state["world_size"] >= 1):
+        raise bad("world_size", "an int >= 1", state["world_size"])
     for key in ("config", "metadata", "scheduler", "optimizer", "rng", "files"):
         if not isinstance(state[key], dict):
             raise bad(key, "a JSON object", state[key])
@@ -191,7 +213,7 @@ def read_state(ckpt: Path, verify_files: bool = True) -> dict[str, Any]:
     if m and int(m.group(1)) != step:
         raise bad("step", f"{int(m.group(1))}, the step in the directory's name", step)
     _check_rng(path, state["rng"])
-    _check_files(ckpt, state["files"], verify_files)
+    _check_files(ckpt, state["files"], verify_files, REQUIRED_FILES if fmt == FORMAT_VERSION else DCP_REQUIRED_FILES)
     return state
 
 
@@ -266,9 +288,9 @@ def _check_rng(path: Path, rng: dict[str, Any]) -> None:
                 raise bad("cuda", "a list of base64 CUDA generator states", exc) from exc
 
 
-def _check_files(ckpt: Path, files: dict[str, Any], verify: bool) -> None:
+def _check_files(ckpt: Path, files: dict[str, Any], verify: bool, required: tuple[str, ...]) -> None:
     path = ckpt / STATE_FILE
-    for name in REQUIRED_FILES:
+    for name in required:
         if name not in files:
             raise CheckpointError(f"{path}: files must list {name}; it lists {sorted(files)}")
     for name, entry in files.items():
@@ -483,3 +505,140 @@ def read_weights(file: Path, model: torch.nn.Module) -> dict[str, Tensor]:
         if key not in tensors and t.data_ptr() not in stored:
             raise CheckpointError(f"{file}: has no tensor {key!r}, which this {type(model).__name__} has")
     return tensors
+
+
+# ---------------------------------------------------------------- format 3: torch.distributed.checkpoint
+
+# What DCP's .metadata pickle may build: its own metadata classes, torch sizes, dtypes and layouts, paths.
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        ok = name in _DCP_CLASSES.get(module, ()) or (
+            module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a class of DCP's checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _reader(ckpt: Path) -> Any:
+    """A DCP FileSystemReader of ``ckpt`` whose .metadata is unpickled with :class:`_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = Path(self.path) / ".metadata"
+            try:
+                with path.open("rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a torch.distributed.checkpoint index this trainer reads ({exc})") from exc
+            from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"{path}: not a torch.distributed.checkpoint index; got {type(metadata).__name__}")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(ckpt))
+
+
+def save_dcp(d: Path, state: dict[str, Any]) -> None:
+    """Every rank writes its shards of ``state`` (model, optimizer, reference state dicts) into ``d``: collective."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(d)))
+
+
+def load_dcp(ckpt: Path, state: dict[str, Any]) -> None:
+    """Load a format 3 checkpoint into ``state`` in place, resharded to this run's layout (one process: no collectives).
+
+    DCP plans the whole load (every key present, every global shape equal) before it reads a tensor.
+
+    Raises:
+        CheckpointError: naming the checkpoint and DCP's reason (a missing tensor, a shape mismatch).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=_reader(ckpt), no_dist=not (dist.is_available() and dist.is_initialized()))
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP wraps every rank's failure in a CheckpointException
+        inner = re.sub(r"\s+", " ", str(exc))  # (a BaseException); its text holds each rank's traceback
+        reason = re.findall(r"(?:ValueError|RuntimeError|KeyError): ([^\n]*?)(?= File |$)", inner) or [inner]
+        raise CheckpointError(f"{ckpt}: the DCP tensors do not fit this run's model and optimizer "
+                              f"({reason[-1][:300]})") from exc
+
+
+def state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                ref_model: Optional[torch.nn.Module]) -> dict[str, Any]:
+    """Model, optimizer (keyed by parameter name) and reference state dicts in the run's layout (DTensor shards
+    under FSDP2), as DCP saves and loads them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_sd, optimizer_sd = get_state_dict(model, optimizer)
+    out = {"model": model_sd, "optimizer": optimizer_sd}
+    if ref_model is not None:
+        out["ref_model"] = get_model_state_dict(ref_model)
+    return out
+
+
+def load_state_dicts(ckpt: Path, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     ref_model: Optional[torch.nn.Module]) -> None:
+    """Model, reference and optimizer from a format 3 checkpoint (into any world size, one process included), or
+    from a format 2 one into a data-parallel run; checked before anything is loaded.
+
+    ``state`` is the checkpoint's :func:`read_state`. Format 3: state.json's optimizer groups must
+    have the live optimizer's structure and parameter names, then DCP plans the load (names, global
+    shapes) and reshards. Format 2: the one-process checks (:func:`read_optimizer`,
+    :func:`read_weights`) on the full tensors, which each rank then shards (FSDP2) or keeps (DDP).
+
+    Raises:
+        CheckpointError: naming the file and the field, or DCP's reason.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    state_path = ckpt / STATE_FILE
+    if ref_model is not None and not (state["config"]["beta"] > 0):
+        raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has a reference model "
+                              "(beta > 0)")
+    live = state_dicts(model, optimizer, ref_model)
+    names = [n for g in live["optimizer"]["param_groups"] for n in g["params"]]
+    if state["format"] == DCP_FORMAT_VERSION:
+        saved = state["optimizer"]
+        check_like(state_path, "optimizer", saved, {"param_groups": live["optimizer"]["param_groups"]})
+        for i, (group, want) in enumerate(zip(saved["param_groups"], live["optimizer"]["param_groups"])):
+            check_range(state_path, f"optimizer.param_groups[{i}].params", group["params"],
+                        lambda v, w=want["params"]: v == w, "this optimizer's parameter names")
+        load_dcp(ckpt, live)  # in place, resharded to this run's layout
+        set_state_dict(model, optimizer, model_state_dict=live["model"], optim_state_dict=live["optimizer"])
+        if ref_model is not None:
+            set_model_state_dict(ref_model, live["ref_model"])
+        return
+    full_optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", optimizer, state["optimizer"])
+    weights = read_weights(ckpt / "model.safetensors", model)
+    ref_weights = None if ref_model is None else read_weights(ckpt / "ref_model.safetensors", ref_model)
+    groups, at = [], 0
+    for g in full_optimizer["param_groups"]:  # parameter indices -> names
+        groups.append(dict(g, params=names[at: at + len(g["params"])]))
+        at += len(g["params"])
+    full = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: tied weights are stored once
+    set_state_dict(model, optimizer, model_state_dict=weights, options=full,
+                   optim_state_dict={"state": {names[i]: st for i, st in full_optimizer["state"].items()},
+                                     "param_groups": groups})
+    if ref_weights is not None:
+        set_model_state_dict(ref_model, ref_weights, options=full)

@@ -7,6 +7,10 @@ flag (``--num-generations 8``); ``--resume RUN_DIR`` continues a run with its sa
 overridden only by flags given explicitly, in the directory the checkpoint is in (wherever the run
 has been moved to) unless ``--out`` says otherwise. A run stopped before its first checkpoint has
 nothing to resume: ``--restart`` starts it again from step 0 in its directory.
+
+Under ``torchrun --nproc_per_node N -m grpo_kernels train ...`` the same job runs data-parallel
+(:mod:`grpo_kernels.trainer.parallel`; ``--fsdp`` shards the model with FSDP2 instead of DDP):
+every rank parses the same flags, rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import parallel
 from .checkpoint import STATE_FILE, latest_checkpoint, read_state
 from .config import TrainerConfig
 from .model import load_model_and_tokenizer
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: every core this process may run on)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the policy and the reference over the processes with FSDP2 "
+                            "fully_shard (default there: DDP, a whole replica per process)")
     return parser
 
 
@@ -167,7 +175,17 @@ def _task(values: dict[str, Any], where: str = "") -> ArithmeticTask:
 
 def train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    try:
+        dp = parallel.current(args.fsdp)  # None: one process (main() joined torchrun's process group, if any)
+    except ValueError:
+        raise SystemExit("error: --fsdp shards the model over torchrun's processes; launch with torchrun "
+                         "--nproc_per_node N -m grpo_kernels train --fsdp ...") from None
+    say = print if dp is None or dp.is_main else (lambda *a, **k: None)
+    if dp is not None and not args.resume and "out_dir" not in vars(args):  # one default directory for all ranks
+        args.out_dir = parallel.broadcast(time.strftime("runs/grpo-%Y%m%d-%H%M%S"), dp)
     config, task_values, ckpt = _settings(args)
+    if dp is not None:  # every rank has checked the run directory before any writes to it
+        torch.distributed.barrier()
     shaping = float(task_values.get("shaping_weight", DEFAULT_SHAPING_WEIGHT))
     task = _task(task_values)
     train_rows, eval_rows = task.split()
@@ -177,39 +195,52 @@ def train(args: argparse.Namespace) -> int:
     # so the default is every core this process may use, not torch's guess (physical cores). On a
     # machine other jobs keep busy, --threads 1 avoids waiting on a descheduled second thread.
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+    if dp is not None and args.threads is None:  # this machine's processes share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // dp.local_world_size))
     model, tokenizer = load_model_and_tokenizer(config.model, config.seed)
-    trainer = GRPOTrainer(
-        config, model, tokenizer, train_rows, [exact_match, digit_match], reward_weights=[1.0, shaping],
-        eval_rows=eval_rows, eval_fn=exact_match, metadata={"task": {**dataclasses.asdict(task), "shaping_weight": shaping}},
-    )
+    if dp is not None:
+        model.to(dp.device)  # cuda:LOCAL_RANK under nccl
+    try:
+        trainer = GRPOTrainer(
+            config, model, tokenizer, train_rows, [exact_match, digit_match], reward_weights=[1.0, shaping],
+            eval_rows=eval_rows, eval_fn=exact_match, metadata={"task": {**dataclasses.asdict(task), "shaping_weight": shaping}},
+            fsdp=args.fsdp,
+        )
+    except ValueError as exc:  # e.g. prompts per step not divisible by the world size
+        raise SystemExit(f"error: {exc}") from exc
     where = "the built-in tiny model (random init)" if config.model is None else config.model
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {where}, {n_params / 1e6:.2f}M parameters; task: {len(train_rows)} training prompts like "
-          f"{train_rows[0]['prompt']!r}, {len(eval_rows)} held-out prompts")
+    say(f"model: {where}, {n_params / 1e6:.2f}M parameters; task: {len(train_rows)} training prompts like "
+        f"{train_rows[0]['prompt']!r}, {len(eval_rows)} held-out prompts")
     if ckpt is not None:
         try:
             trainer.load_checkpoint(ckpt)
         except ValueError as exc:  # CheckpointError: names the file and the field
             raise SystemExit(f"error: {exc}") from exc
-        print(f"resumed from {ckpt} at step {trainer.step}, writing to {config.out_dir}")
+        say(f"resumed from {ckpt} at step {trainer.step}, writing to {config.out_dir}")
         if trainer.step == config.steps:
-            print(f"the run is complete at step {trainer.step}; pass --steps N (> {trainer.step}) to train it further")
+            say(f"the run is complete at step {trainer.step}; pass --steps N (> {trainer.step}) to train it further")
     before = trainer.evaluate()
-    print(f"held-out greedy accuracy at step {trainer.step}: {before:.3f}")
+    say(f"held-out greedy accuracy at step {trainer.step}: {before:.3f}")
     t_train = time.perf_counter()
     trainer.train(progress=not args.no_progress)
     train_s = time.perf_counter() - t_train
     after = trainer.evaluate()
     out = Path(config.out_dir)
     checkpoint = latest_checkpoint(out / "checkpoints")
-    print(f"held-out greedy accuracy ({len(eval_rows)} prompts never seen in training): {before:.3f} -> {after:.3f}")
-    print(f"steps: {config.steps}; training wall time {train_s:.0f} s, total {time.perf_counter() - t_start:.0f} s")
-    print(f"metrics:    {out / 'metrics.jsonl'}")
-    print(f"checkpoint: {checkpoint}")
-    print(f"plot:       {out / 'metrics.png'}")
+    say(f"held-out greedy accuracy ({len(eval_rows)} prompts never seen in training): {before:.3f} -> {after:.3f}")
+    say(f"steps: {config.steps}; training wall time {train_s:.0f} s, total {time.perf_counter() - t_start:.0f} s")
+    say(f"metrics:    {out / 'metrics.jsonl'}")
+    say(f"checkpoint: {checkpoint}")
+    say(f"plot:       {out / 'metrics.png'}")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return train(args)  # the only command so far; argparse rejects anything else
+    created = parallel.init_from_env()  # under torchrun: its process group (nccl on CUDA, gloo on CPU)
+    try:
+        return train(args)  # the only command so far; argparse rejects anything else
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()

@@ -16,6 +16,17 @@
    micro-batches through :class:`grpo_kernels.FusedLinearGRPOLoss` on the model's final hidden
    states and LM-head weight, clipping the gradient norm and stepping the LR schedule.
 
+Under torchrun the trainer is data-parallel (:mod:`.parallel`): every rank draws the same prompt
+order and takes its contiguous share of the step's prompts, each with all G of its completions,
+so every group lives on one rank; the ranks' rewards are all-gathered so that the advantages
+(group-normalized, or batch-normalized with ``scale_rewards = "batch"``) and the logged reward
+metrics are those of the whole batch. Sampling draws the uniforms of the whole batch on every rank
+and keeps its rows (:class:`RowShare`), so the global batch is the one a single process samples
+for the seed. The policy is wrapped with DDP, or sharded with FSDP2 (``fsdp``); the loss runs
+inside the wrapper's forward, the dapo/cispo/vespo normalizer is the global token count
+(``num_items_in_batch``), the gradient norm clipped is the global one, and logs, metrics, plots and
+the checkpoint metadata come from rank 0. Checkpoints are DCP (format 3, :mod:`.checkpoint`).
+
 Every forward of the body shares the prompts the same way (:func:`completion_hidden` with the
 group size): with the main job's 7-token prompts and 2-token answers that is most of the work.
 The logits are never materialized: neither for the loss nor for the old/reference log-probs.
@@ -25,6 +36,7 @@ policy with itself, and dropout noise would make it differ from 1 even on-policy
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -46,18 +58,25 @@ from ..advantages import group_advantages
 from ..fused import FusedLinearGRPOLoss
 from ..logprobs import linear_logprobs
 from ..policy_loss import GRPOLossOutput, normalized_by_token_count
+from . import parallel
 from .checkpoint import (
+    DCP_FORMAT_VERSION,
     FORMAT_VERSION,
     STATE_FILE,
     CheckpointError,
+    _unb64,
     check_scheduler,
     latest_checkpoint,
+    load_state_dicts,
     read_optimizer,
     read_state,
     read_weights,
     rng_state,
+    save_dcp,
     save_optimizer,
     set_rng_state,
+    state_dicts,
+    step_dir_name,
     write_checkpoint,
     write_state,
 )
@@ -65,7 +84,7 @@ from .config import TrainerConfig
 from .metrics import JsonlLog, plot_metrics
 from .model import HeadSpec, completion_hidden, lm_head
 from .rewards import RewardFn, combine, compute_rewards, reward_name
-from .sampling import sample_completions
+from .sampling import RowShare, sample_completions
 
 Row = dict[str, Any]
 
@@ -140,6 +159,14 @@ class GRPOTrainer:
         eval_fn: scores a greedy completion like a reward function; :meth:`evaluate` reports its mean
             (with an exact-match verifier, the held-out accuracy).
         metadata: JSON-able data saved with every checkpoint (e.g. the task's settings).
+        fsdp: under an initialized torch.distributed process group, shard the policy and the
+            reference with FSDP2 ``fully_shard`` (every decoder layer, then the root) instead of
+            DDP around the policy and a plain replica of the reference. Without a process group
+            the trainer is one process and ``fsdp`` must be False.
+
+    Under a process group each rank must construct the trainer with the same arguments (the
+    same model weights: the same seed), and call every method the others call: sampling,
+    updates, evaluation and checkpoints are collective.
     """
 
     def __init__(
@@ -154,6 +181,7 @@ class GRPOTrainer:
         eval_rows: Optional[Sequence[Row]] = None,
         eval_fn: Optional[RewardFn] = None,
         metadata: Optional[dict[str, Any]] = None,
+        fsdp: bool = False,
     ) -> None:
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"GRPOTrainer: config must be a TrainerConfig; got {type(config).__name__}")
@@ -167,6 +195,9 @@ class GRPOTrainer:
                              f"function; got {reward_weights!r}")
         if (eval_rows is None) != (eval_fn is None):
             raise ValueError("GRPOTrainer: eval_rows and eval_fn must be given together")
+        self.dp = parallel.current(fsdp)  # None: one process, the code path of before
+        if self.dp is not None:
+            _check_split(config, self.dp.world_size)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -212,6 +243,10 @@ class GRPOTrainer:
         self.ref_model = None
         if config.beta > 0:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
+        # Every call of a model goes through its wrapper's forward (parallel.ModelCall): DDP and FSDP2
+        # act there. One process: the plain ModelCall, which just calls the function on the model.
+        self.policy = parallel.wrap(model, self.dp, trainable=True)
+        self.reference = None if self.ref_model is None else parallel.wrap(self.ref_model, self.dp, trainable=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Fused AdamW (one kernel over all parameters, as TRL's default adamw_torch_fused) where torch has one;
         # on the built-in model the per-parameter loop of the plain one costs 3x more.
@@ -243,6 +278,21 @@ class GRPOTrainer:
         return self.tokenizer.batch_decode([ids[k].tolist() for ids, k in zip(completion_ids, keep)],
                                            skip_special_tokens=True)
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the logs, metrics, plots and checkpoint metadata (rank 0, or the only one)."""
+        return self.dp is None or self.dp.is_main
+
+    def _call(self, model: PreTrainedModel, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(model, *args)`` inside the forward of ``model``'s wrapper (the policy's or the reference's)."""
+        return (self.policy if model is self.model else self.reference)(fn, *args)
+
+    def _share(self, rows: int) -> Optional[RowShare]:
+        """This rank's place among the step's ``rows`` completions (None: one process)."""
+        if self.dp is None:
+            return None
+        return RowShare(offset=self.dp.rank * rows, total=self.dp.world_size * rows)
+
     @torch.no_grad()
     def _generate(self, prompts: list[str], do_sample: bool, group_size: int = 1) -> tuple[Tensor, Tensor, int]:
         """(input_ids [B, P + T], attention_mask [B, P + T], P) of ``group_size`` completions of each prompt.
@@ -255,9 +305,11 @@ class GRPOTrainer:
         cfg = self.config
         with self._autocast():
             if cfg.share_prompts:
-                out = sample_completions(self.model, ids, mask, group_size=group_size, max_new_tokens=cfg.max_new_tokens,
-                                         eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id, do_sample=do_sample,
-                                         temperature=cfg.temperature, top_p=cfg.top_p)
+                out = self._call(self.model, partial(
+                    sample_completions, prompt_ids=ids, prompt_mask=mask, group_size=group_size,
+                    max_new_tokens=cfg.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
+                    do_sample=do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                    share=self._share(len(prompts) * group_size)))
             else:
                 ids, mask = ids.repeat_interleave(group_size, dim=0), mask.repeat_interleave(group_size, dim=0)
                 out = self.model.generate(input_ids=ids, attention_mask=mask,
@@ -287,9 +339,12 @@ class GRPOTrainer:
         return out
 
     def sample(self) -> Batch:
-        """Draw prompts_per_step training rows and G completions of each."""
+        """Draw prompts_per_step training rows and G completions of each (data-parallel: this rank's share of them)."""
         G = self.config.num_generations
-        unique = [self.train_rows[i] for i in self._prompt_indices()]
+        indices = self._prompt_indices()  # the same on every rank
+        if self.dp is not None:
+            indices = indices[self.dp.rows(len(indices))]
+        unique = [self.train_rows[i] for i in indices]
         rows = [r for r in unique for _ in range(G)]
         ids, mask, P = self._generate([r["prompt"] for r in unique], do_sample=True, group_size=G)
         return Batch(rows, [r["prompt"] for r in rows], self._decode(ids[:, P:], mask[:, P:]), ids, mask, P)
@@ -322,27 +377,42 @@ class GRPOTrainer:
         size = n // self.config.gradient_accumulation_steps
         return [slice(s, s + size) for s in range(0, n, size)]
 
+    def _logprobs_of(self, model: PreTrainedModel, batch: Batch, sl: slice, targets: Tensor) -> Tensor:
+        with self._autocast():
+            hidden = self._hidden(model, batch, sl)
+        h, w, b = self._head(model, hidden)
+        return self.logprob_fn(h, w, targets, bias=b, temperature=self.kernel_temperature, softcap=self.kernel_softcap)
+
     @torch.no_grad()
     def logprobs(self, model: PreTrainedModel, batch: Batch) -> Tensor:
         """Per-token log-probs [B, T] of the batch's completions under ``model`` (0 on padding), forward only."""
         out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
         targets = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
         for sl in self._micro_batches(len(batch)):
-            with self._autocast():
-                hidden = self._hidden(model, batch, sl)
-            h, w, b = self._head(model, hidden)
-            out[sl] = self.logprob_fn(h, w, targets[sl], bias=b, temperature=self.kernel_temperature,
-                                      softcap=self.kernel_softcap).float()
+            out[sl] = self._call(model, self._logprobs_of, batch, sl, targets[sl]).float()
         return out
+
+    def _loss_of(self, model: PreTrainedModel, batch: Batch, sl: slice, advantages: Tensor, n_items: Optional[Tensor],
+                 old_logp: Optional[Tensor], ref_logp: Optional[Tensor]) -> GRPOLossOutput:
+        with self._autocast():
+            hidden = self._hidden(model, batch, sl)
+        h, w, b = self._head(model, hidden)
+        return self.loss_fn(h, w, batch.completion_ids[sl], batch.completion_mask[sl], advantages[sl], bias=b,
+                            num_items_in_batch=n_items, old_logp=None if old_logp is None else old_logp[sl],
+                            ref_logp=None if ref_logp is None else ref_logp[sl])
 
     def update(self, batch: Batch, advantages: Tensor) -> dict[str, float]:
         """``num_iterations`` optimizer updates on one batch; returns the loss metrics averaged over them."""
         cfg = self.config
         old_logp = self.logprobs(self.model, batch) if cfg.num_iterations > 1 else None
         ref_logp = None if self.ref_model is None else self.logprobs(self.ref_model, batch)
-        ids, mask = batch.completion_ids, batch.completion_mask
+        mask = batch.completion_mask
         token_normalized = normalized_by_token_count(cfg.loss_type)
         n_items = mask.sum() if token_normalized else None
+        if n_items is not None and self.dp is not None:
+            # The whole batch's token count: the loss divides it by the world size (policy_loss.active_token_count),
+            # so the ranks' averaged gradients are those of one process on the whole batch.
+            n_items = parallel.sum_over_ranks(n_items, self.dp)
         # Mean-per-micro-batch losses are averaged over micro-batches; token-normalized ones already
         # divide by the whole batch's token count, so their micro-batch losses simply add up.
         scale = 1.0 if token_normalized else 1.0 / cfg.gradient_accumulation_steps
@@ -352,18 +422,20 @@ class GRPOTrainer:
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss = 0.0
-            for sl in slices:
-                with self._autocast():
-                    hidden = self._hidden(self.model, batch, sl)
-                h, w, b = self._head(self.model, hidden)
-                out = self.loss_fn(h, w, ids[sl], mask[sl], advantages[sl], bias=b, num_items_in_batch=n_items,
-                                   old_logp=None if old_logp is None else old_logp[sl],
-                                   ref_logp=None if ref_logp is None else ref_logp[sl])
-                (out.loss * scale).backward()
+            for i, sl in enumerate(slices):
+                # Data-parallel: gradients are reduced over the ranks after the last micro-batch only.
+                sync = contextlib.nullcontext() if self.dp is None else parallel.gradient_sync(self.policy, i == len(slices) - 1)
+                with sync:
+                    out = self._call(self.model, self._loss_of, batch, sl, advantages, n_items, old_logp, ref_logp)
+                    (out.loss * scale).backward()
                 loss += float(out.loss.detach()) * scale
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / len(slices)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if self.dp is not None:  # the global loss: the mean of the ranks' (DDP and FSDP average gradients alike)
+                loss = parallel.mean_over_ranks({"loss": loss}, self.dp)["loss"]
+            # Data-parallel: DDP's gradients are the same on every rank, FSDP2's are DTensor shards whose
+            # norm clip_grad_norm_ reduces over the ranks: either way the global gradient norm.
+            grad_norm = parallel.to_float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             sums["loss"] = sums.get("loss", 0.0) + loss
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             sums["lr"] = sums.get("lr", 0.0) + self.scheduler.get_last_lr()[0]
@@ -373,9 +445,13 @@ class GRPOTrainer:
             else:  # the whole update is dropped: weights, optimizer moments and schedule stay as they were
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                tqdm.write(f"grpo: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                           "update skipped, training goes on")
+                if self.is_main:
+                    tqdm.write(f"grpo: step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                               "update skipped, training goes on")
         metrics = {k: v / cfg.num_iterations for k, v in sums.items()}
+        if self.dp is not None:  # this rank's loss metrics (token means of its rows): averaged over the ranks
+            metrics.update(parallel.mean_over_ranks({k: v for k, v in metrics.items()
+                                                     if k not in ("loss", "grad_norm", "lr")}, self.dp))
         metrics["skipped_updates"] = float(skipped)
         return metrics
 
@@ -392,7 +468,11 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         batch = self.sample()
         rewards = self.rewards(batch)
+        if self.dp is not None:  # every rank's rewards, in rank (= prompt) order: the whole batch's
+            rewards = parallel.all_gather_rows(rewards, self.dp)
         advantages = self.advantages(rewards)
+        if self.dp is not None:
+            advantages = advantages[self.dp.rows(len(advantages))]
         t1 = time.perf_counter()
         metrics = self.update(batch, advantages)
         self.step += 1
@@ -405,6 +485,8 @@ class GRPOTrainer:
             record[f"rewards/{name}"] = _nanmean(rewards[:, j])
         record["frac_reward_zero_std"] = float(((groups.max(-1).values - groups.min(-1).values) == 0).float().mean())
         record["completion_length"] = float(batch.completion_mask.float().sum(-1).mean())
+        if self.dp is not None:  # every rank holds as many completions
+            record.update(parallel.mean_over_ranks({"completion_length": record["completion_length"]}, self.dp))
         record.update(metrics)
         record["sample_s"] = t1 - t0
         record["update_s"] = time.perf_counter() - t1
@@ -414,19 +496,35 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, rows: Optional[Sequence[Row]] = None, batch_size: int = 512) -> float:
-        """Mean of ``eval_fn`` over greedy completions of ``rows`` (default: the held-out rows)."""
+        """Mean of ``eval_fn`` over greedy completions of ``rows`` (default: the held-out rows).
+
+        Data-parallel: each rank scores every world_size-th row (padded to equal counts with
+        repeats of the first row, which are not counted) and the sums are all-reduced, so every rank
+        returns the mean over all rows; FSDP2 needs every rank in every forward anyway.
+        """
         rows = self.eval_rows if rows is None else list(rows)
         if not rows or self.eval_fn is None:
             raise ValueError("GRPOTrainer.evaluate: needs eval rows and an eval_fn")
+        if self.dp is not None:
+            W, n = self.dp.world_size, len(rows)
+            mine = rows[self.dp.rank::W]
+            counted = torch.zeros(-(-n // W), dtype=torch.bool)
+            counted[:len(mine)] = True
+            rows = mine + [rows[0]] * (len(counted) - len(mine))
         scores = []
         for s in range(0, len(rows), batch_size):
             chunk = rows[s: s + batch_size]
             prompts = [r["prompt"] for r in chunk]
-            ids, mask, P = self._generate(prompts, do_sample=False)
+            ids, mask, P = self._generate(prompts, do_sample=False)  # data-parallel: every rank as many rows
             columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
             completions = self._decode(ids[:, P:], mask[:, P:])
             scores.append(compute_rewards([self.eval_fn], prompts, completions, columns, timeout=self.reward_timeout)[:, 0])
-        return _nanmean(torch.cat(scores))
+        if self.dp is None:
+            return _nanmean(torch.cat(scores))
+        scores = torch.cat(scores).double()
+        scored = counted & ~torch.isnan(scores)
+        total = parallel.sum_over_ranks(torch.stack([scores[scored].sum(), scored.sum().double()]), self.dp)
+        return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
     # ---------------------------------------------------------------- the loop
 
@@ -437,33 +535,40 @@ class GRPOTrainer:
         """
         cfg = self.config
         out = Path(cfg.out_dir)
-        log = JsonlLog(out / "metrics.jsonl", resume_step=self.step if self.step else None)
+        # Data-parallel: every rank computes the same records; rank 0 writes them.
+        log = JsonlLog(out / "metrics.jsonl", resume_step=self.step if self.step else None) if self.is_main else None
         records = []
         evaluating = cfg.eval_steps > 0 and self.eval_rows is not None
         if evaluating and self.step == 0:
             records.append({"step": 0, "eval/accuracy": self.evaluate()})
-            log.write(records[-1])
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="GRPO", dynamic_ncols=True)
+            if log is not None:
+                log.write(records[-1])
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or not self.is_main, desc="GRPO",
+                   dynamic_ncols=True)
         last_eval = None
         while self.step < cfg.steps:
             record = self.train_step()
             if evaluating and (self.step % cfg.eval_steps == 0 or self.step == cfg.steps):
                 last_eval = record["eval/accuracy"] = self.evaluate()
-            log.write(record)
+            if log is not None:
+                log.write(record)
             records.append(record)
             bar.set_postfix(_postfix(record, last_eval), refresh=False)
             bar.update(1)
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
-        plot_metrics(log.path, out / "metrics.png")
+        if log is not None:
+            plot_metrics(log.path, out / "metrics.png")
         return records
 
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step_<N>`` atomically; returns its path."""
+        """Write ``out_dir/checkpoints/step_<N>`` atomically; returns its path (data-parallel: collective, format 3)."""
         cfg = self.config
+        if self.dp is not None:
+            return self._save_sharded()
 
         def write(d: Path) -> None:
             save_model(self.model, str(d / "model.safetensors"))
@@ -478,14 +583,40 @@ class GRPOTrainer:
 
         return write_checkpoint(Path(cfg.out_dir) / "checkpoints", self.step, write, cfg.keep_checkpoints)
 
+    def _save_sharded(self) -> Path:
+        """Format 3: every rank writes its DCP shards into rank 0's temporary directory, then rank 0
+        writes state.json (with every file's checksum) and renames the directory into place."""
+        cfg, dp = self.config, self.dp
+        state = state_dicts(self.model, self.optimizer, self.ref_model)
+
+        def write(d: Path) -> None:
+            parallel.broadcast(str(d), dp)  # the other ranks write their shards there too
+            save_dcp(d, state)  # collective; returns when every rank's files and the index are written
+            write_state(d, {
+                "format": DCP_FORMAT_VERSION, "step": self.step, "config": cfg.to_dict(), "metadata": self.metadata,
+                "scheduler": self.scheduler.state_dict(), "optimizer": {"param_groups": state["optimizer"]["param_groups"]},
+                "rng": rng_state(self.generator), "world_size": dp.world_size,
+            })
+
+        root = Path(cfg.out_dir) / "checkpoints"
+        if dp.is_main:
+            final = write_checkpoint(root, self.step, write, cfg.keep_checkpoints)
+        else:
+            save_dcp(Path(parallel.broadcast(None, dp)), state)
+            final = root / step_dir_name(self.step)
+        torch.distributed.barrier()  # rank 0 has renamed it: the checkpoint is complete for every rank
+        return final
+
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore model, reference model, optimizer, scheduler, RNGs and step from a checkpoint.
 
         ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint is
-        used). Only safetensors and JSON are read. Everything is checked before anything is
-        loaded (every state.json field, each tensor file's checksum, names and shapes against
-        this trainer's model and optimizer), so on error the trainer is unchanged. Returns the
-        checkpoint's path.
+        used). Only safetensors and JSON are read (and DCP's files, format 3, see :mod:`.checkpoint`).
+        Everything is checked before anything is loaded (every state.json field, each tensor file's
+        checksum, names and shapes against this trainer's model and optimizer: for format 3, DCP
+        plans the whole load before it reads a tensor), so on error the trainer is unchanged.
+        Either format loads into one process or a data-parallel run of any size (collective there).
+        Returns the checkpoint's path.
 
         Raises:
             FileNotFoundError: no complete checkpoint at ``path``.
@@ -501,21 +632,28 @@ class GRPOTrainer:
             raise CheckpointError(f"{state_path}: step is {state['step']}, past this run's steps = {self.config.steps}; "
                                   f"resume with steps >= {state['step']} (--steps) to continue it")
         check_scheduler(state_path, state["scheduler"], self.scheduler)
-        optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", self.optimizer, state["optimizer"])
-        weights = read_weights(ckpt / "model.safetensors", self.model)
-        ref_weights = None
-        if self.ref_model is not None:
-            if "ref_model.safetensors" not in state["files"]:
-                raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
-                                      f"{self.config.beta}")
-            ref_weights = read_weights(ckpt / "ref_model.safetensors", self.ref_model)
-        # Every check passed: now load.
-        self.model.load_state_dict(weights, strict=False)
-        if ref_weights is not None:
-            self.ref_model.load_state_dict(ref_weights, strict=False)
-        self.optimizer.load_state_dict(optimizer)
+        if state["format"] == FORMAT_VERSION and self.dp is None:
+            optimizer = read_optimizer(state_path, ckpt / "optimizer.safetensors", self.optimizer, state["optimizer"])
+            weights = read_weights(ckpt / "model.safetensors", self.model)
+            ref_weights = None
+            if self.ref_model is not None:
+                if "ref_model.safetensors" not in state["files"]:
+                    raise CheckpointError(f"{ckpt}: has no reference model (saved with beta = 0) but this run has beta = "
+                                          f"{self.config.beta}")
+                ref_weights = read_weights(ckpt / "ref_model.safetensors", self.ref_model)
+            # Every check passed: now load.
+            self.model.load_state_dict(weights, strict=False)
+            if ref_weights is not None:
+                self.ref_model.load_state_dict(ref_weights, strict=False)
+            self.optimizer.load_state_dict(optimizer)
+        else:
+            load_state_dicts(ckpt, state, self.model, self.optimizer, self.ref_model)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.generator)
+        if self.dp is not None and self.dp.device.type == "cuda" and "cuda" in state["rng"]:
+            # Rank 0 sampled on cuda:0, each rank r on its own cuda:LOCAL_RANK, all from one state: continue from
+            # rank 0's (untested: no GPU run has been made).
+            torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"][0]), self.dp.device)
         self._apply_config_to_optimizer()
         self.step = state["step"]
         return ckpt
@@ -535,6 +673,20 @@ class GRPOTrainer:
             group["lr"] = cfg.learning_rate * factor(sched.last_epoch)
             group["weight_decay"] = cfg.weight_decay
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _check_split(config: TrainerConfig, world_size: int) -> None:
+    """The step's prompts split evenly over the ranks, each share into whole micro-batches."""
+    M, G, ga = config.prompts_per_step, config.num_generations, config.gradient_accumulation_steps
+    if M % world_size:
+        raise ValueError(f"GRPOTrainer: config.prompts_per_step must be divisible by the world size {world_size} (each "
+                         f"rank samples a whole share of the step's prompts); got {M}")
+    if (M // world_size * G) % ga:
+        raise ValueError(f"GRPOTrainer: config.gradient_accumulation_steps must divide each rank's "
+                         f"{M // world_size * G} completions (prompts_per_step / world size * num_generations); got {ga}")
+    if not config.share_prompts:
+        raise ValueError("GRPOTrainer: config.share_prompts must be True under torch.distributed (transformers generate's "
+                         "draws cannot be split over ranks); got False")
 
 
 def _unique(names: list[str]) -> list[str]:
