@@ -13,7 +13,8 @@ Two kinds of checks:
 Where the rules live: the LM-head checks shared by linear_logprobs and the fused loss are here
 (:func:`check_lm_head`); the loss inputs' checks are in ``policy_loss.validate_loss_inputs``;
 group_advantages' are in ``advantages``. The backend name, device and dtype are decided by
-``backends.resolve``.
+``backends.resolve``. The sequence each entry point runs (single-process and DTensor alike) is
+written once, in ``grpo_kernels._entry``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class DataChecks:
     """Data-dependent checks of one call, read back to the host at once by :meth:`run`.
 
     ``require(ok, message)``: ``ok`` is a 0-dim bool tensor (True: fine); ``message`` a callable that
-    builds the error text, called only on failure.
+    builds the error text, called only on failure. Plain tensors only: the DTensor path
+    (``distributed.MeshChecks``) makes its verdicts whole before they arrive here.
     """
 
     def __init__(self, fn: str) -> None:
@@ -118,9 +120,6 @@ class DataChecks:
         self._items: list[tuple[Tensor, Callable[[], str], type]] = []
 
     def require(self, ok: Tensor, message: Callable[[], str], error: type = ValueError) -> None:
-        full = getattr(ok, "full_tensor", None)  # a DTensor head's check (grpo_kernels.distributed): every rank's verdict
-        if full is not None:
-            ok = full()
         self._items.append((ok.reshape(()), message, error))
 
     def finite(self, name: str, x: Tensor) -> None:
