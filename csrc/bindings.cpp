@@ -4,6 +4,13 @@
 
 #include "logprobs_cpu.h"
 
+namespace grpo_kernels {
+// one_pass.cpp (declared here, not in logprobs_cpu.h, to keep the change within the one-pass files):
+// a one-pass gradient scaled by grad_output once that is known, in place: out = g * (out + lo) rounded
+// once (fp32: out *= g; no residual lo: out = g * out; g == 1: unchanged).
+void scale_rounded_once(at::Tensor& out, const c10::optional<at::Tensor>& lo, const at::Tensor& scale);
+}  // namespace grpo_kernels
+
 namespace {
 
 grpo_kernels::LogprobsOptions options(double temperature, c10::optional<double> softcap, int64_t super_chunk,
@@ -51,6 +58,11 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
                                dh, dw, dw_lo, db_acc, accumulate);
 }
 
+void scale_rounded_once(at::Tensor out, const c10::optional<at::Tensor>& lo, const at::Tensor& scale) {
+  py::gil_scoped_release no_gil;
+  grpo_kernels::scale_rounded_once(out, lo, scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -69,6 +81,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("kept"), py::arg("lse"), py::arg("entropy"),
         py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("dh"),
         py::arg("dw"), py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
+  m.def("scale_rounded_once", &scale_rounded_once,
+        "out = scale * (out + its int8 residual lo) in place, rounded once (fp32 or no lo: out *= scale; scale 1: unchanged)",
+        py::arg("out"), py::arg("lo"), py::arg("scale"));
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
   m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
   m.def(

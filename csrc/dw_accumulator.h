@@ -1,5 +1,6 @@
 // The compensated 16-bit dW accumulator: a bf16/fp16 dW plus an int8 residual, so a dW summed over
-// several token chunks is rounded as if accumulated in fp32.
+// several token chunks is rounded as if accumulated in fp32; and its one rounding after scaling by
+// grad_output (the one pass forms its gradients before grad_output is known).
 #pragma once
 
 #include "common.h"
@@ -97,6 +98,14 @@ struct Compensated {
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(lo), _mm_packs_epi16(q16, q16));
   }
+  // out[0..8) = round(g * (out + its residual)): the scalar form's exact value, product and rounding.
+  static void scale8(T* out, const int8_t* lo, __m256 g) {
+    const __m256 h = load_hi(out);
+    const __m256i uf = unit_field(h);
+    const __m256 l = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lo))));
+    const __m256 full = _mm256_fmadd_ps(l, pow2(uf, _mm256_cmpgt_epi32(uf, _mm256_setzero_si256())), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), round_hi(_mm256_mul_ps(full, g)));
+  }
 #endif
 };
 
@@ -125,6 +134,34 @@ void flush_dw(const float* tile, int64_t n, T* out, int8_t* lo, bool first) {
     for (; i < n; ++i)
       Compensated<T>::store(first ? tile[i] : Compensated<T>::load(out + i, lo + i) + tile[i], out + i, lo + i);
   }
+}
+
+// Scales a gradient the one pass formed before grad_output g was known, in place, rounding it once:
+// fp32: out *= g. 16-bit with the residual lo the accumulator kept (n int8): out = round(g * (out + lo)),
+// the accumulated value (hi + residual is exact in fp32) times g in fp32, rounded to nearest even once.
+// 16-bit without a residual (lo == nullptr: the one pass's dH): out = round(g * out), a second rounding.
+// g == 1 leaves out as it is: hi is already the one rounding of the accumulated value, where
+// round(hi + lo) would round a second time at ties.
+template <typename T>
+void scale_rounded_once(T* out, const int8_t* lo, int64_t n, float g) {
+  if (g == 1.f) return;
+  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; i + kW <= i1; i += kW) (Vec::loadu(out + i) * Vec(g)).store(out + i);
+      for (; i < i1; ++i) out[i] *= g;
+    } else {
+      if (lo == nullptr) {  // no residual kept (dH): a second rounding
+        for (; i < i1; ++i) out[i] = T(g * static_cast<float>(out[i]));
+        return;
+      }
+#if defined(__AVX2__) && defined(__F16C__)
+      const __m256 gv = _mm256_set1_ps(g);
+      for (; i + 8 <= i1; i += 8) Compensated<T>::scale8(out + i, lo + i, gv);
+#endif
+      for (; i < i1; ++i) out[i] = T(g * Compensated<T>::load(out + i, lo + i));
+    }
+  });
 }
 
 }  // namespace grpo_kernels::detail

@@ -1,5 +1,6 @@
-// The one-pass schedule's gradient step of one token chunk, from the exp-values its forward kept; and
-// the chunk sizing of that schedule.
+// The one-pass schedule's gradient step of one token chunk, from the exp-values its forward kept; the
+// chunk sizing of that schedule; and the scaling of its gradients by grad_output once that is known
+// (rounded once: a 16-bit gradient keeps its int8 residual until then).
 #include "backward_loop.h"
 #include "common.h"
 #include "dw_accumulator.h"
@@ -117,7 +118,8 @@ using namespace detail;
 
 int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype) {
   for (int64_t mc = std::min(kTokenChunk, ceil_div(n, 16) * 16); mc > 16; mc -= 16) {
-    const bool residual = dtype != at::kFloat && n > mc;
+    // a 16-bit dW keeps its int8 residual until grad_output is known, even when one chunk forms it
+    const bool residual = dtype != at::kFloat;
     if (kept_bytes(mc, v, dtype) + (residual ? v * d : 0) <= kFusedBudgetBytes) return mc;
   }
   return 16;
@@ -143,6 +145,17 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
   GRPO_DISPATCH(h.scalar_type(), [&] {
     chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<uint8_t>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
                                   db_acc, accumulate);
+  });
+}
+
+void scale_rounded_once(at::Tensor& out, const c10::optional<at::Tensor>& lo, const at::Tensor& scale) {
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "grpo_kernels._C: out must be a contiguous CPU tensor");
+  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu(), "grpo_kernels._C: scale must be one CPU value");
+  TORCH_CHECK(!lo || (lo->scalar_type() == at::kChar && lo->numel() == out.numel() && lo->is_contiguous()),
+              "grpo_kernels._C: lo must be a contiguous int8 tensor like out");
+  const float g = scale.to(at::kFloat).item<float>();  // a CPU value: reading it syncs nothing
+  GRPO_DISPATCH(out.scalar_type(), [&] {
+    detail::scale_rounded_once<scalar_t>(out.data_ptr<scalar_t>(), lo ? lo->data_ptr<int8_t>() : nullptr, out.numel(), g);
   });
 }
 

@@ -13,7 +13,8 @@ Two kinds of checks:
 Where the rules live: the LM-head checks shared by linear_logprobs and the fused loss are here
 (:func:`check_lm_head`); the loss inputs' checks are in ``policy_loss.validate_loss_inputs``;
 group_advantages' are in ``advantages``. The backend name, device and dtype are decided by
-``backends.resolve``.
+``backends.resolve``. The sequence each entry point runs (single-process and DTensor alike) is
+written once, in ``grpo_kernels._entry``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class DataChecks:
     """Data-dependent checks of one call, read back to the host at once by :meth:`run`.
 
     ``require(ok, message)``: ``ok`` is a 0-dim bool tensor (True: fine); ``message`` a callable that
-    builds the error text, called only on failure.
+    builds the error text, called only on failure. Plain tensors only: the DTensor path
+    (``distributed.MeshChecks``) makes its verdicts whole before they arrive here.
     """
 
     def __init__(self, fn: str) -> None:
@@ -118,10 +120,11 @@ class DataChecks:
         self._items: list[tuple[Tensor, Callable[[], str], type]] = []
 
     def require(self, ok: Tensor, message: Callable[[], str], error: type = ValueError) -> None:
-        full = getattr(ok, "full_tensor", None)  # a DTensor head's check (grpo_kernels.distributed): every rank's verdict
-        if full is not None:
-            ok = full()
         self._items.append((ok.reshape(()), message, error))
+
+    def none(self, bad: Tensor, message: Callable[[list[int]], str]) -> None:
+        """No element of ``bad`` may be True; ``message(first)`` gets the index of the first one that is."""
+        self.require(~bad.any(), lambda: message([int(i) for i in bad.nonzero()[0]]))
 
     def finite(self, name: str, x: Tensor) -> None:
         self.require(torch.isfinite(x).all(),
@@ -130,13 +133,9 @@ class DataChecks:
     def finite_where(self, name: str, x: Tensor, keep: Tensor) -> None:
         """x (broadcast against keep) must be finite where keep is True: masked tokens are never read."""
         bad = keep & ~torch.isfinite(x)
-
-        def message() -> str:
-            first = [int(i) for i in bad.nonzero()[0]]
-            return (f"{self.fn}: {name} must be finite at every token the mask keeps (mask != 0); "
-                    f"got {int(bad.sum())} NaN/inf value(s), the first {x.expand_as(bad)[tuple(first)].item()} at {first}")
-
-        self.require(~bad.any(), message)
+        self.none(bad, lambda first: f"{self.fn}: {name} must be finite at every token the mask keeps (mask != 0); "
+                                     f"got {int(bad.sum())} NaN/inf value(s), the first "
+                                     f"{x.expand_as(bad)[tuple(first)].item()} at {first}")
 
     def run(self) -> None:
         if not self._items:
@@ -194,13 +193,9 @@ def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name
 def check_kept_ids(fn: str, name: str, ids: Tensor, mask: Tensor, vocab: int, checks: DataChecks) -> None:
     """Token ids at kept tokens must be real tokens: ignore_index (-100) there has no meaning in a loss."""
     bad = (mask != 0) & ((ids < 0) | (ids >= vocab))
-
-    def message() -> str:
-        first = [int(i) for i in bad.nonzero()[0]]
-        return (f"{fn}: {name} must be in [0, V) = [0, {vocab}) at every token the mask keeps "
-                f"(mask != 0; ignore_index is allowed only where mask == 0); got {int(ids[tuple(first)])} at {first}")
-
-    checks.require(~bad.any(), message)
+    checks.none(bad, lambda first: f"{fn}: {name} must be in [0, V) = [0, {vocab}) at every token the mask keeps "
+                                   f"(mask != 0; ignore_index is allowed only where mask == 0); got "
+                                   f"{int(ids[tuple(first)])} at {first}")
 
 
 def check_num_items(fn: str, value: Union[int, float, Tensor, None], checks: DataChecks) -> None:

@@ -82,12 +82,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _entry, backends
+from ._checks import DataChecks, check_config
 from .backends import LogprobsParams
 from .config import GRPOConfig
-from ._checks import DataChecks, check_kept_ids, check_lm_head
-from .policy_loss import DPGroup, GRPOLossOutput, Number, check_dp_group, grpo_loss_unchecked, validate_loss_inputs
-
+from .policy_loss import DPGroup, GRPOLossOutput, Number, check_dp_group, grpo_loss_unchecked
 
 
 @dataclass(frozen=True)
@@ -112,6 +111,15 @@ def is_dtensor(*xs: object) -> bool:
     """Whether any argument is a DTensor (without importing torch.distributed.tensor when nothing could be one)."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and any(isinstance(x, mod.DTensor) for x in xs)
+
+
+class MeshChecks(DataChecks):
+    """The entry's data-dependent checks when the head is a DTensor: a verdict computed on a DTensor (the
+    bias's finiteness, say) is made whole here, where DTensors enter, so every rank reads every rank's
+    verdict and raises the same error."""
+
+    def require(self, ok: Tensor, message, error: type = ValueError) -> None:
+        super().require(ok.full_tensor() if is_dtensor(ok) else ok, message, error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,16 +509,11 @@ def linear_logprobs(
         reduce-scatter W n_max x D x 4 bytes). A replicated head with per-rank tokens all-reduces
         dW (V x D in the weight's dtype) to the ranks' mean; with a Replicate hidden nothing runs.
     """
-    fn = "linear_logprobs"
+    fn = _entry.LOGPROBS
     layout = _layout(fn, hidden, weight, bias, {"targets": targets})
     h, t = _local(hidden), _local(targets)
-    checks = DataChecks(fn)
-    check_lm_head(fn, h, weight, t, "targets", bias, temperature, softcap, ignore_index, checks)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")
-    name = backends.resolve(fn, backend, h.device, h.dtype)
-    checks.run()
-    backends.record(fn, name)
+    name = _entry.logprobs_call(h, weight, t, bias, temperature, softcap, ignore_index, return_entropy, backend,
+                                MeshChecks(fn))
     params = ShardOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
                           return_entropy, name)
     logp, ent = _logprobs(fn, layout, h, weight, bias, t, params)
@@ -559,26 +562,22 @@ def fused_linear_grpo_loss(
     Replicate DTensor); ``dp_group`` overrides the data-parallel group of the dapo / cispo / vespo
     normalizer (module docstring). With plain tensors and a dp_group the loss runs on the local head.
     """
-    fn = "fused_linear_grpo_loss"
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"{fn}: config must be a grpo_kernels.GRPOConfig; got {type(config).__name__}")
+    fn = _entry.FUSED
+    check_config(fn, config)  # first, as on the single-process path: a bad config is named before the layout
     others = {"completion_ids": completion_ids, "mask": mask, "advantages": advantages, "old_logp": old_logp,
               "ref_logp": ref_logp, "is_ratio": is_ratio}
     layout = _layout(fn, hidden, weight, bias, others)
     h = _local(hidden)
     ids, mask, advantages, old_logp, ref_logp, is_ratio = (_local(others[k]) for k in others)
-    if not isinstance(h, Tensor) or h.dim() != 3:
-        raise ValueError(f"{fn}: hidden must be [B, T, D]; got {getattr(h, 'shape', type(h).__name__)}")
-    checks = DataChecks(fn)
-    check_lm_head(fn, h, weight, ids, "completion_ids", bias, config.temperature, config.logit_softcap, -100, checks)
-    validate_loss_inputs(fn, tuple(ids.shape), h.device, advantages, mask, config, old_logp, ref_logp, is_ratio,
-                         num_items_in_batch, checks)
-    check_dp_group(fn, dp_group)
-    group = resolve_dp_group(fn, layout, config, dp_group) if layout.mesh is not None else dp_group
-    name = backends.resolve(fn, backend, h.device, h.dtype)
-    check_kept_ids(fn, "completion_ids", ids, mask, weight.shape[0], checks)
-    checks.run()
-    backends.record(fn, name)
+    groups = []
+
+    def dp_group_checks() -> None:
+        check_dp_group(fn, dp_group)
+        groups.append(resolve_dp_group(fn, layout, config, dp_group) if layout.mesh is not None else dp_group)
+
+    name = _entry.fused_call(h, weight, ids, mask, advantages, config, old_logp, ref_logp, bias, is_ratio,
+                             num_items_in_batch, backend, MeshChecks(fn), more=dp_group_checks)
+    (group,) = groups
     params = ShardOptions(config.temperature, config.logit_softcap, -100, True, name)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     mask, advantages, old_logp, ref_logp, is_ratio = map(detach, (mask, advantages, old_logp, ref_logp, is_ratio))

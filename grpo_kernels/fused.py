@@ -13,7 +13,11 @@ LM head can be formed while the logits are streamed. One driver (:func:`_run`) s
    are needed and the backend has a one pass that pays for this dtype; otherwise the shared two-pass
    schedule of ``grpo_kernels.backends``: the forward-only pass here, and the gradient pass (the
    backend's recomputing backward, four GEMMs per token in all) in the autograd backward, with the
-   coefficients scaled by grad_output, so a 16-bit dW is rounded once and no host sync happens.
+   coefficients scaled by grad_output.
+
+Either way the backward multiplies by grad_output without a host sync, without a second [V, D]
+tensor, and rounds a 16-bit dW once: the one pass's gradients are ``backends.Formed``, scaled in
+place from the state the backend kept for it (``Formed.finish``).
 
 No-grad calls and calls without a kept token go through the same steps with need-flags
 (nothing needed: no gradient pass; no token: zero-sized passes, zero gradients). This file names
@@ -29,14 +33,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends, distributed
-from ._checks import DataChecks, check_config, check_kept_ids, check_lm_head, check_tensor
-from .backends import Backend, FirstPass, LogprobsParams, Needs, first_pass, gradient_pass
+from . import _entry, backends, distributed
+from ._checks import check_config
+from .backends import Backend, FirstPass, Formed, LogprobsParams, Needs, first_pass, gradient_pass
 from .config import GRPOConfig
 from .logprobs import differentiable_once, gather_rows, scatter_rows, select_rows
-from .policy_loss import GRPOLossOutput, LossPlan, Number, TokenContext, token_objective, validate_loss_inputs
+from .policy_loss import GRPOLossOutput, LossPlan, Number, TokenContext, token_objective
 
-FN = "fused_linear_grpo_loss"
+FN = _entry.FUSED
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,11 @@ def coefficients(plan: LossPlan, rows: Optional[Tensor], dtype: torch.dtype, wan
 
 @dataclass
 class _Pending:
-    """The gradients a backward hands out: formed by the one pass, or the gradient pass still to run."""
+    """The gradients a backward hands out: formed by the one pass (handed out by the first backward,
+    which drops them, so no reference outlives it), or the gradient pass still to run."""
 
     rows: Optional[Tensor]
-    formed: Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None
+    formed: Optional[Formed] = None
     first: Optional[FirstPass] = None
 
 
@@ -134,8 +139,7 @@ def _run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: FusedCall
     coef = coefficients(plan, rows, acc, want_grad)
     pending = _Pending(rows)
     if want_grad and plan.token_separable and impl.one_pass(h.dtype, D):
-        _, _, dh, dw, db = impl.forward_backward(h, weight, bias, t, params, coef, needs)
-        pending.formed = (dh, dw, db)
+        _, _, pending.formed = impl.forward_backward(h, weight, bias, t, params, coef, needs)
     else:
         pending.first = first_pass(impl, h, weight, bias, t, params, coef)
     metrics = torch.stack([coef.sums[k].float() for k in plan.metric_names()])
@@ -161,17 +165,20 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         pending: _Pending = ctx.pending
         hidden, weight, bias = ctx.saved_tensors
         if pending.formed is not None:
-            # one pass: the gradients exist already. CPU tensors read the scale for free: 1 (no gradient
-            # accumulation) hands them over as they are; otherwise they are multiplied out of place
-            # (a retained graph may run this backward again)
-            dh, dw, db = pending.formed
-            if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
-                dh, dw, db = (None if g is None else g * grad_loss.to(g.dtype) for g in (dh, dw, db))
+            # one pass: the gradients exist; scaled in place and handed out, and dropped here, so autograd
+            # can take them as they are (a reference kept in ctx would make it copy dW into .grad)
+            formed, pending.formed = pending.formed, None
+            dh, dw, db = formed.finish(grad_loss)
         else:
             call = ctx.call
             D = weight.shape[1]
             h = gather_rows(hidden.reshape(-1, D), pending.rows)
             t = gather_rows(call.completion_ids.reshape(-1).long(), pending.rows)
+            if pending.first is None:
+                # a second backward through a retained graph after the one pass: the two-pass schedule
+                coef = coefficients(call.plan, pending.rows, torch.float64 if h.dtype == torch.float64 else torch.float32,
+                                    True)
+                pending.first = first_pass(call.impl, h, weight, bias, t, call.params, coef)
             dh, dw, db = gradient_pass(call.impl, h, weight, bias, t, call.params, pending.first, ctx.needs,
                                        scale=grad_loss)
         if dh is not None:
@@ -240,19 +247,8 @@ def fused_linear_grpo_loss(
         return distributed.fused_linear_grpo_loss(hidden, weight, completion_ids, mask, advantages, config,
                                                   old_logp=old_logp, ref_logp=ref_logp, bias=bias, is_ratio=is_ratio,
                                                   num_items_in_batch=num_items_in_batch, backend=backend, dp_group=dp_group)
-    check_config(FN, config)
-    check_tensor(FN, "hidden", hidden)
-    if hidden.dim() != 3:
-        raise ValueError(f"{FN}: hidden must be [B, T, D]; got shape {tuple(hidden.shape)}")
-    checks = DataChecks(FN)
-    check_lm_head(FN, hidden, weight, completion_ids, "completion_ids", bias, config.temperature, config.logit_softcap,
-                  -100, checks)
-    validate_loss_inputs(FN, tuple(completion_ids.shape), hidden.device, advantages, mask, config, old_logp, ref_logp,
-                         is_ratio, num_items_in_batch, checks)
-    name = backends.resolve(FN, backend, hidden.device, hidden.dtype)
-    check_kept_ids(FN, "completion_ids", completion_ids, mask, weight.shape[0], checks)
-    checks.run()
-    backends.record(FN, name)
+    name = _entry.fused_call(hidden, weight, completion_ids, mask, advantages, config, old_logp, ref_logp, bias, is_ratio,
+                             num_items_in_batch, backend)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     plan = LossPlan(mask.detach(), advantages.detach(), config, detach(old_logp), detach(ref_logp), detach(is_ratio),
                     num_items_in_batch)

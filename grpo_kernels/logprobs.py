@@ -12,8 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends, distributed
-from ._checks import DataChecks, check_lm_head
+from . import _entry, backends, distributed
 from .backends import Backend, LogprobsParams
 
 
@@ -126,14 +125,7 @@ def linear_logprobs(
     if distributed.is_dtensor(hidden, weight, bias, targets):  # a DTensor LM head: grpo_kernels/distributed.py
         return distributed.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                            ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
-    fn = "linear_logprobs"
-    checks = DataChecks(fn)
-    check_lm_head(fn, hidden, weight, targets, "targets", bias, temperature, softcap, ignore_index, checks)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")
-    name = backends.resolve(fn, backend, hidden.device, hidden.dtype)
-    checks.run()
-    backends.record(fn, name)
+    name = _entry.logprobs_call(hidden, weight, targets, bias, temperature, softcap, ignore_index, return_entropy, backend)
     params = LogprobsParams.make(temperature, softcap, return_entropy)
     lead = hidden.shape[:-1]
     t = targets.reshape(-1).long()

@@ -218,7 +218,8 @@ def test_forward_backward_single_pass(backend, case, seed):
         assert lp.shape == (end - start,) and (en is None) == (not case.entropy)
         return g_logp[start:end], (g_ent[start:end] if case.entropy else None)
 
-    logp, ent, dh, dw, db = impl.forward_backward(h, w, b, t, params, coef_fn, (True, True, b is not None))
+    logp, ent, formed = impl.forward_backward(h, w, b, t, params, coef_fn, (True, True, b is not None))
+    dh, dw, db = formed.finish(None)
     assert chunks[0][0] == 0 and chunks[-1][1] == t.numel()
     assert all(e0 == s1 for (_, e0), (s1, _) in zip(chunks, chunks[1:])), chunks
     got = {"logp": logp, "entropy": ent, "dhidden": dh, "dweight": dw, "dbias": db}

@@ -2,8 +2,9 @@
 
 - zero-token and all-masked calls run the same driver as any other (no special branch), with and
   without gradients, on every backend, and write every gradient element (outputs start as NaN);
-- grad_output scales the coefficients of the gradient pass: a bf16 dW is rounded once, no second
-  [V, D] tensor is formed, and the backward reads nothing back to the host;
+- grad_output scales the coefficients of the gradient pass, and the one pass's gradients in place from
+  the accumulator state it kept: a bf16 dW is rounded once, no second [V, D] tensor is formed, and the
+  backward reads nothing back to the host;
 - errors of the shared resolve name the calling op;
 - float64 stays float64 through the fused loss (gradcheck on the weight), double backward is
   refused by name, the chunked-torch fallback accumulates its logits in fp32 (the 2x rule at large
@@ -189,6 +190,137 @@ def test_scaled_grad_output_matches_the_oracle(backend, seed):
     (0.25 * want.loss).backward()
     assert_close_to_oracle("dhidden", h.grad, h64.grad)
     assert_close_to_oracle("dweight", w.grad, w64.grad)
+
+
+# The one pass forms its gradients in the forward, before grad_output is known: ``Formed.finish``
+# scales them in place from the state the backend kept (C++: the bf16 dW and its int8 residual;
+# torch: the fp32 accumulator), so a bf16 dW is still rounded once, and no second [V, D] tensor exists.
+
+
+def _one_pass_instances():
+    from grpo_kernels.backends.chunked_torch import TorchBackend, TorchTuning
+
+    out = {"torch": TorchBackend(TorchTuning(chunk_elements=40 * 301))}  # several chunks at V = 301
+    if HAS_CPU_EXT:
+        from grpo_kernels.backends.cpu import CpuBackend, CpuTuning
+
+        out["cpu-chunks"] = CpuBackend(CpuTuning(schedule="one-pass", fused_chunk_tokens=32))
+        out["cpu-one-chunk"] = CpuBackend(CpuTuning(schedule="one-pass"))
+    return out
+
+
+ONE_PASS = _one_pass_instances()
+
+
+def _capturing(impl):
+    """impl's class, recording the Formed of every forward_backward (and the accumulator state at that time)."""
+    seen = []
+
+    class Capturing(type(impl)):
+        def forward_backward(self, *args):
+            logp, ent, formed = super().forward_backward(*args)
+            seen.append(formed)
+            return logp, ent, formed
+
+    return Capturing(**{f: getattr(impl, f) for f in impl.__dataclass_fields__}), seen
+
+
+def _accumulated(formed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW as handed out for grad_output 1, the fp32 value the accumulator holds), decoded here independently:
+    C++: bf16 hi + int8 residual in units of ulp(hi) / 256 (2^(max(e, 1) - 15) for hi's exponent field e);
+    torch: the fp32 accumulator itself."""
+    state = getattr(formed, "_state", None)
+    if state is not None:  # grpo_kernels.backends.cpu._Formed: (dh, dw, dw_lo, db_acc)
+        _, hi, lo, _ = state
+        h = hi.float()
+        field = ((h.view(torch.int32) >> 23) & 0xFF).clamp(min=1) - 15
+        unit = torch.where(field > 0, (field.clamp(min=0) << 23).view(torch.float32), torch.zeros_like(h))
+        return hi.clone(), h + lo.float() * unit
+    _, acc, _ = formed._grads  # chunked_torch._Formed: fp32 accumulator
+    return acc.to(BF16), acc.clone()
+
+
+@pytest.mark.parametrize("g", [0.25, 1 / 3, 3.7, 1.0], ids=["quarter", "third", "3.7", "one"])
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_one_pass_scaled_grad_output_rounds_a_bf16_dweight_once(name, g, seed, monkeypatch):
+    """(loss * g).backward() through the one pass: dW == bf16(g * accumulated value), rounded once (g == 1: the
+    accumulator's own rounding), not bf16(bf16(dW) * g); the backward reads no tensor value in Python."""
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04)
+    hidden, weight, ids, mask, adv, old = problem(B=4, T=32, D=33, V=301, dtype=BF16)  # V D odd: the scalar tail too
+    impl, seen = _capturing(ONE_PASS[name])
+    scale = torch.tensor(g)
+    with backends.use(impl):
+        h, w = leaves(hidden, weight)
+        out = gk.fused_linear_grpo_loss(h, w, ids, mask, adv, cfg, old_logp=old, ref_logp=old, backend=impl.name)
+        (formed,) = seen
+        once, value = _accumulated(formed)
+        with monkeypatch.context() as m:
+            _forbid_host_reads(m)
+            dh, dw = torch.autograd.grad(out.loss * scale, [h, w])
+    assert dw.dtype == BF16 and dh.dtype == BF16
+    want = once if g == 1.0 else (value * scale).to(BF16)
+    assert torch.equal(dw, want), (dw.float() - want.float()).abs().max()
+    if g == 1 / 3:
+        assert not torch.equal(dw, (once * scale).to(BF16)), "expected the twice-rounded dW to differ somewhere"
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_one_pass_backward_allocates_no_second_dweight(name, dtype, seed):
+    """loss * 0.25 through the one pass: the backward creates no [V, D] tensor (the torch backend's 16-bit
+    dW excepted: the one rounding of its fp32 accumulator, which is what .grad gets), and .grad is
+    the very tensor the forward formed (no copy by autograd either)."""
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.0)
+    hidden, weight, ids, mask, adv, _ = problem(B=4, T=32, D=32, V=301, dtype=dtype)
+    impl, seen = _capturing(ONE_PASS[name])
+    V, D = weight.shape
+    with backends.use(impl):
+        h, w = leaves(hidden, weight)
+        loss = gk.fused_linear_grpo_loss(h, w, ids, mask, adv, cfg, backend=impl.name).loss * 0.25
+        (formed,) = seen
+        state = getattr(formed, "_state", None)
+        formed_dw = state[1] if state is not None else formed._grads[1]
+        ptr = formed_dw.untyped_storage().data_ptr()
+        del state, formed_dw, formed, seen[:]
+        big = {}  # storage -> the op that produced it, for the [V, D]-sized outputs of the backward's ops
+
+        class Big(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for x in tree_flatten(out)[0]:
+                    if isinstance(x, torch.Tensor) and x.numel() >= V * D:
+                        big.setdefault(x.untyped_storage().data_ptr(), str(func))
+                return out
+
+        with Big():
+            loss.backward()
+    new = {k: f for k, f in big.items() if k != ptr}  # in-place ops on the formed dW return its own storage
+    grad_ptr = w.grad.untyped_storage().data_ptr()
+    assert w.grad.dtype == dtype
+    if name == "torch" and dtype == BF16:
+        assert list(new) == [grad_ptr], new
+    else:
+        assert not new and grad_ptr == ptr, new
+
+
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_one_pass_backward_twice_through_a_retained_graph(name, seed):
+    """The first backward hands the one pass's gradients out; a second one (retain_graph) recomputes them with
+    the two-pass schedule, and both match the oracle."""
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04)
+    hidden, weight, ids, mask, adv, old = problem(B=3, T=8, D=33, V=97)
+    with backends.use(ONE_PASS[name]):
+        h, w = leaves(hidden, weight)
+        out = gk.fused_linear_grpo_loss(h, w, ids, mask, adv, cfg, old_logp=old, ref_logp=old, backend=ONE_PASS[name].name)
+        first = torch.autograd.grad(out.loss, [h, w], retain_graph=True)
+        second = torch.autograd.grad(out.loss * 0.5, [h, w])
+    h64, w64 = leaves(hidden.double(), weight.double())
+    want = reference.fused_linear_grpo_loss(h64, w64, ids, mask, adv.double(), cfg, old_logp=old.double(),
+                                            ref_logp=old.double(), compute_dtype=torch.float64)
+    gh, gw = torch.autograd.grad(want.loss, [h64, w64])
+    for label, (dh, dw), s in (("first", first, 1.0), ("second", second, 0.5)):
+        assert_close_to_oracle(f"{label}/dhidden", dh, gh * s)
+        assert_close_to_oracle(f"{label}/dweight", dw, gw * s)
 
 
 # ---------------------------------------------------------------------------------------------------

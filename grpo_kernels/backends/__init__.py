@@ -36,8 +36,8 @@ Needs = tuple[bool, bool, bool]
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 # coef_fn(start, end, logp[start:end], entropy[start:end] | None) -> (dLoss/dlogp, dLoss/dentropy | None)
 CoefFn = Callable[[int, int, Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]
-# (logp [N], entropy [N] | None, dhidden, dweight, dbias)
-FusedResult = tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+# (logp [N], entropy [N] | None, the gradients formed, handed out by ``finish(scale)``)
+FusedResult = tuple[Tensor, Optional[Tensor], "Formed"]
 
 _state = threading.local()
 _warned: set[str] = set()
@@ -90,7 +90,23 @@ class Backend(Protocol):
     def forward_backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                          params: LogprobsParams, coef_fn: CoefFn, needs: Needs) -> FusedResult:
         """Forward, dLoss/dlogp and gradients in one pass over the logits: ``coef_fn`` is called on
-        consecutive chunks covering [0, N) in order, each before that chunk's gradient is formed."""
+        consecutive chunks covering [0, N) in order, each before that chunk's gradient is formed.
+        -> (logp [N], entropy [N] | None, :class:`Formed`): the gradients come out of ``Formed.finish``."""
+        ...
+
+
+@runtime_checkable
+class Formed(Protocol):
+    """Gradients ``forward_backward`` formed before grad_output was known.
+
+    ``finish(scale)`` hands them out once as (dhidden, dweight, dbias) times ``scale`` (a one-element
+    tensor on the inputs' device; None: 1), None where ``needs`` said so: scaled in place, each 16-bit
+    gradient rounded once (a backend keeps what it needs for that, e.g. the C++ one pass's int8
+    residuals, until then), no second [V, D] tensor, no host sync. It releases what it held: a second
+    call is a bug (asserted).
+    """
+
+    def finish(self, scale: Optional[Tensor]) -> Grads:
         ...
 
 
@@ -105,8 +121,7 @@ class TwoPassBackend:
     def forward_backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                          params: LogprobsParams, coef_fn: CoefFn, needs: Needs) -> FusedResult:
         first = first_pass(self, hidden, weight, bias, targets, params, coef_fn)
-        dh, dw, db = gradient_pass(self, hidden, weight, bias, targets, params, first, needs)
-        return first.logp, first.entropy, dh, dw, db
+        return first.logp, first.entropy, _PendingGradientPass(self, (hidden, weight, bias, targets), params, first, needs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,6 +162,26 @@ def gradient_pass(impl: Backend, hidden: Tensor, weight: Tensor, bias: Optional[
     acc = first.lse.dtype
     return impl.backward(hidden, weight, bias, targets, first.lse, first.entropy, g_logp.to(acc),
                          None if g_ent is None else g_ent.to(acc), params, needs)
+
+
+class _PendingGradientPass:
+    """The two-pass schedule's :class:`Formed`: the gradient pass runs in ``finish``, with the scaled
+    coefficients (so grad_output costs nothing extra)."""
+
+    def __init__(self, impl: Backend, inputs: tuple, params: LogprobsParams, first: FirstPass, needs: Needs) -> None:
+        self._state: Optional[tuple] = (impl, inputs, params, first, needs)
+
+    def finish(self, scale: Optional[Tensor]) -> Grads:
+        assert self._state is not None, "Formed.finish runs once"
+        (impl, (hidden, weight, bias, targets), params, first, needs), self._state = self._state, None
+        return gradient_pass(impl, hidden, weight, bias, targets, params, first, needs, scale)
+
+
+def scale_in_place(x: Optional[Tensor], scale: Optional[Tensor]) -> Optional[Tensor]:
+    """``x *= scale`` on the device (no host read); None passes through."""
+    if x is not None and scale is not None:
+        x.mul_(scale.to(x.dtype))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------

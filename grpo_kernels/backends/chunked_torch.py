@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import CoefFn, FusedResult, Grads, LogprobsParams, Needs, TwoPassBackend, empty
+from . import CoefFn, FusedResult, Grads, LogprobsParams, Needs, TwoPassBackend, empty, scale_in_place
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class TorchBackend(TwoPassBackend):
         return logp, ent, lse
 
     def _backward_chunks(self, h, w, b, needs: Needs, chunk_grad) -> Grads:
+        """dh [n, D] in h's dtype; dw [V, D] and db [V] in the accumulation dtype (fp32 / fp64)."""
         n, (v, d) = h.shape[0], w.shape
         acc = _acc_dtype(h)
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
@@ -114,7 +115,7 @@ class TorchBackend(TwoPassBackend):
                 dw += (g_lo.t() @ h[s:e]).to(acc)
             if db is not None:
                 db += g.sum(0)
-        return dh, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype)
+        return dh, dw, db
 
     def backward(self, h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs: Needs) -> Grads:
         head = self._head(w, b)
@@ -124,7 +125,7 @@ class TorchBackend(TwoPassBackend):
             return _grad_logits(z, t[s:e], lse[s:e], None if ent is None else ent[s:e], g_logp[s:e],
                                 None if g_ent is None else g_ent[s:e], p)
 
-        return self._backward_chunks(h, w, b, needs, chunk_grad)
+        return _round(self._backward_chunks(h, w, b, needs, chunk_grad), w, b)
 
     def one_pass(self, dtype: torch.dtype, d: int) -> bool:
         return True  # the chunk's logits are at hand: recomputing them would only cost
@@ -146,5 +147,31 @@ class TorchBackend(TwoPassBackend):
             g_logp, g_ent = coef_fn(s, e, lp, en)
             return _grad_logits(z, t[s:e], ls, en, g_logp, g_ent, p)
 
-        dh, dw, db = self._backward_chunks(h, w, b, needs, chunk_grad)
-        return logp, ent, dh, dw, db
+        return logp, ent, _Formed(self._backward_chunks(h, w, b, needs, chunk_grad), w.dtype,
+                                  None if b is None else b.dtype)
+
+
+def _round(grads: Grads, w: Tensor, b: Optional[Tensor]) -> Grads:
+    dh, dw, db = grads
+    return dh, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype)
+
+
+class _Formed:
+    """The one pass's gradients until grad_output is known: dW and db stay in the accumulation dtype, so
+    ``finish`` scales them in place and rounds a 16-bit dW once. (Between the forward and the backward
+    that is an fp32 [V, D] instead of the 16-bit dW: 2 V D bytes more; the peak, the fp32 accumulator
+    beside the rounded dW, is the one the forward had before.) dH, formed in h's dtype by its GEMM, is
+    scaled in place: a 16-bit dH with grad_output != 1 is rounded a second time."""
+
+    def __init__(self, grads: Grads, w_dtype: torch.dtype, b_dtype: Optional[torch.dtype]) -> None:
+        self._grads: Optional[Grads] = grads
+        self._dtypes = (w_dtype, b_dtype)
+
+    def finish(self, scale: Optional[Tensor]) -> Grads:
+        assert self._grads is not None, "Formed.finish runs once"
+        grads, self._grads = self._grads, None
+        dh, dw, db = (scale_in_place(g, scale) for g in grads)
+        del grads
+        w_dtype, b_dtype = self._dtypes
+        # .to() of an fp32 accumulator into fp32 returns it: no copy
+        return dh, None if dw is None else dw.to(w_dtype), None if db is None else db.to(b_dtype)

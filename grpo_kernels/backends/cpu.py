@@ -10,7 +10,8 @@ GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` 
   and fp32 everywhere). Chunks of at most 256 tokens keep exp(logit - running max) per logit (bf16
   for 16-bit inputs: 83 MB for 256 tokens at V = 151936; fp32 for fp32 inputs), get their loss
   coefficients, then form dH and add into dW; a 16-bit dW crosses chunks through an int8 residual
-  [V, D] (136 MB at D = 896), so it is rounded as if accumulated in fp32. It runs on AMX too
+  [V, D] (136 MB at D = 896), so it is rounded as if accumulated in fp32, and keeps it until the
+  backward, which scales it by grad_output and rounds it once (``_Formed``). It runs on AMX too
   (GRPO_KERNELS_CPU_ENGINE=mkl, or brgemm on unpacked operands), but is not the default there:
 - the shared two-pass schedule of ``grpo_kernels.backends``, four GEMMs per token, on brgemm/amx-vnni (16-bit on AMX). Measured on an Intel Xeon with
   AMX, 2 vCPU, bf16, 8 x 512 tokens: one pass 2.57x its three-GEMM floor against two passes'
@@ -126,8 +127,9 @@ class CpuBackend(TwoPassBackend):
         ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
         dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
-        multi_chunk_16bit = dw is not None and w.dtype != torch.float32 and n > chunk
-        dw_lo = torch.empty(tuple(w.shape), dtype=torch.int8) if multi_chunk_16bit else None
+        # a 16-bit dW keeps its int8 residual [V, D] (which carries it across chunks) until grad_output is
+        # known, so that scaling it by grad_output rounds it once (_Formed.finish)
+        dw_lo = torch.empty(tuple(w.shape), dtype=torch.int8) if dw is not None and w.dtype != torch.float32 else None
         db_acc = torch.zeros(v, dtype=torch.float32) if needs[2] and b is not None else None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -135,6 +137,33 @@ class CpuBackend(TwoPassBackend):
             ext.chunk_forward(h[s:e], w, b, t[s:e], p.temperature, p.softcap, engine, kept, logp[s:e], lse[s:e], en)
             g_logp, g_ent = coef_fn(s, e, logp[s:e], en)
             ext.chunk_backward(h[s:e], w, b, t[s:e], kept, lse[s:e], en, _vec(g_logp), _vec(g_ent),
-                               p.temperature, p.softcap, engine, None if dh is None else dh[s:e], dw, dw_lo, db_acc, s > 0)
-        db = None if db_acc is None else db_acc.to(b.dtype)
-        return logp, ent, dh, dw, db
+                               p.temperature, p.softcap, engine, None if dh is None else dh[s:e], dw, dw_lo, db_acc,
+                               s > 0)
+        return logp, ent, _Formed(dh, dw, dw_lo, db_acc, None if b is None else b.dtype)
+
+
+class _Formed:
+    """The one pass's gradients until grad_output is known. ``finish(scale)`` scales them in place, in C++
+    (``_C.scale_rounded_once`` reads the CPU scale; 1 costs nothing): fp32 ones and db (kept in fp32)
+    multiplied; a 16-bit dW rounded once from its value plus residual, which is released then; a
+    16-bit dH, formed per chunk without a residual, rounded a second time when the scale is not 1.
+
+    Memory: the dW residual (V D bytes, 136 MB at the Qwen head) lives from the forward to the backward
+    instead of for the forward only; the forward's peak is unchanged when dW spans two chunks or more
+    (it had the residual already), and a dW formed in one chunk (n <= 256) now has it too.
+    """
+
+    def __init__(self, dh, dw, dw_lo, db_acc, b_dtype) -> None:
+        self._state: Optional[tuple] = (dh, dw, dw_lo, db_acc)
+        self._b_dtype = b_dtype
+
+    def finish(self, scale: Optional[Tensor]) -> Grads:
+        assert self._state is not None, "Formed.finish runs once"
+        (dh, dw, dw_lo, db_acc), self._state = self._state, None
+        if scale is not None:
+            ext = _ext()
+            for g, lo in ((dh, None), (dw, dw_lo), (db_acc, None)):
+                if g is not None:
+                    ext.scale_rounded_once(g, lo, scale)
+        del dw_lo
+        return dh, dw, None if db_acc is None else db_acc.to(self._b_dtype)
