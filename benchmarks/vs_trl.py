@@ -289,13 +289,17 @@ def table(results: list[dict[str, Any]], trainers: Sequence[str], seeds: Sequenc
     """One row per seed, one column per trainer (a :func:`label`): held-out accuracy and wall time; then the
     means, the wall-time ratios and the accuracy spread."""
     by = {(label(r), r["seed"]): r for r in results if "error" not in r}
+    failed = {(label(r), r["seed"]) for r in results if "error" in r}
     head = "| seed | " + " | ".join(trainers) + " |\n|---|" + "---|" * len(trainers)
     lines = [head]
     for seed in seeds:
         cells = []
         for t in trainers:
             r = by.get((t, seed))
-            cells.append("failed" if r is None else f"{r['accuracy']:.3f}, {r['wall_s']:.0f} s ({r['median_step_s'] * 1e3:.0f} "
+            if r is None:  # a run that failed, or one not in these results (e.g. a --tabulate file left out)
+                cells.append("failed" if (t, seed) in failed else "-")
+                continue
+            cells.append(f"{r['accuracy']:.3f}, {r['wall_s']:.0f} s ({r['median_step_s'] * 1e3:.0f} "
                          f"ms/step, {r['peak_rss_mb']:.0f} MB)")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     means = []
@@ -336,8 +340,8 @@ def curve_table(results: list[dict[str, Any]], trainers: Sequence[str]) -> str:
 def tabulate(paths: Sequence[str]) -> tuple[str, list[dict[str, Any]], list[str], list[int]]:
     """The runs of several result files as one table: (header line, results, columns, seeds).
 
-    Columns keep the order they first appear in; a (column, seed) given twice, or files whose steps,
-    threads or head differ, are refused (ValueError naming the file)."""
+    Columns keep the order they first appear in; a (column, seed) that succeeded twice, or files whose
+    steps, threads or head differ, are refused (ValueError naming the file)."""
     results: list[dict[str, Any]] = []
     seen: dict[tuple[str, int], str] = {}
     first: Optional[dict[str, Any]] = None
@@ -355,6 +359,9 @@ def tabulate(paths: Sequence[str]) -> tuple[str, list[dict[str, Any]], list[str]
         commits += [commit] if commit not in commits else []
         for r in info["results"]:
             key = (label(r), r["seed"])
+            if "error" in r:  # a failed run (a rerun in another file may have succeeded): kept, as "failed"
+                results.append(r)
+                continue
             if key in seen:
                 raise ValueError(f"tabulate: {key[0]} seed {key[1]} is in both {seen[key]} and {path}")
             seen[key] = path

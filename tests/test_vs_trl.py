@@ -60,7 +60,7 @@ def test_tabulate_merges_one_file_per_run(vs_trl, tmp_path):
     assert header == "main job, 2000 steps, 2 threads, Test CPU; commit abc1234, def5678"
     lines = vs_trl.table(results, columns, seeds).splitlines()
     assert lines[2].startswith("| 0 | 0.900, 100 s") and lines[2].endswith("| 0.600, 90 s (900 ms/step, 500 MB) |")
-    assert lines[3] == "| 1 | 0.700, 110 s (1100 ms/step, 500 MB) | failed | failed |"
+    assert lines[3] == "| 1 | 0.700, 110 s (1100 ms/step, 500 MB) | - | - |"  # not run (no file), not failed
     assert lines[4] == "| mean | 0.800, 105 s | 0.800, 250 s | 0.600, 90 s |"
     curve = vs_trl.curve_table(results, columns).splitlines()
     assert curve[2] == "| 500 | 0.300 (n=2) | 0.100 (n=1) | - |"
@@ -84,6 +84,16 @@ def test_tabulate_refuses_a_run_given_twice(vs_trl, tmp_path):
     b = _write(tmp_path / "b.json", [_run("ours", 3, 0.8, 100)])
     with pytest.raises(ValueError, match="tabulate: ours seed 3 is in both .*a.json and .*b.json"):
         vs_trl.tabulate([a, b])
+
+
+def test_tabulate_keeps_a_failed_run_beside_its_rerun(vs_trl, tmp_path):
+    a = _write(tmp_path / "a.json", [{"trainer": "trl", "seed": 0, "ours_flags": "", "error": "timeout"}])
+    b = _write(tmp_path / "b.json", [_run("trl", 0, 0.8, 200), {"trainer": "trl", "seed": 1, "ours_flags": "",
+                                                                "error": "boom"}])
+    header, results, columns, seeds = vs_trl.tabulate([a, b])
+    lines = vs_trl.table(results, columns, seeds).splitlines()
+    assert lines[2] == "| 0 | 0.800, 200 s (2000 ms/step, 500 MB) |"  # the rerun's result wins over the failure
+    assert lines[3] == "| 1 | failed |"
 
 
 def test_main_tabulate_prints_the_tables_and_runs_nothing(vs_trl, tmp_path, capsys, monkeypatch):
