@@ -437,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.threads} threads, {info['machine']['cpu']}; ours flags: {args.ours_flags or '(defaults)'}")
     print("accuracy = held-out greedy accuracy at the end; wall time of the training loop (evaluation excluded); "
           "median step time; peak RSS")
-    print(table(results, trainers, args.seeds))
+    print(table(results, [label({"trainer": t, "ours_flags": args.ours_flags}) for t in trainers], args.seeds))
     if args.eval_every:
         print("\nheld-out accuracy curves:")
         for r in results:

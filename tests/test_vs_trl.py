@@ -104,3 +104,19 @@ def test_main_tabulate_prints_the_tables_and_runs_nothing(vs_trl, tmp_path, caps
     assert "| 0 | 0.900, 100 s (1000 ms/step, 500 MB) |" in out and "| 1,000 | 0.500 (n=1) |" in out
     assert vs_trl.main(["--tabulate", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_main_table_has_the_ablation_column(vs_trl, tmp_path, capsys, monkeypatch):
+    """A run with --ours-flags is tabulated under its label (not an empty "ours" column)."""
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps(_run("ours", 0, 0.864, 120, flags="--prompt-sampling replacement"))
+    monkeypatch.setattr(vs_trl.subprocess, "run", lambda cmd, **kw: Done() if "--worker" in cmd else
+                        type("Git", (), {"stdout": ""})())
+    out = tmp_path / "r.json"
+    assert vs_trl.main(["--seeds", "0", "--trainers", "ours", "--ours-flags", "--prompt-sampling replacement",
+                        "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| seed | ours --prompt-sampling replacement |" in text
+    assert "| 0 | 0.864, 120 s (1200 ms/step, 500 MB) |" in text
+    assert json.loads(out.read_text())["results"][0]["accuracy"] == 0.864
