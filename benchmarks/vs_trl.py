@@ -4,6 +4,7 @@
                                 [--trainers ours trl trl-bias-kl] [--eval-every 500]
                                 [--ours-flags "--prompt-sampling passes"] [--json vs_trl.json]
     python benchmarks/vs_trl.py --large-head --steps 5    # untied 151,936-token head: step time, peak memory
+    python benchmarks/vs_trl.py --tabulate a.json b.json ...   # one table from several runs' JSON files
 
 Both trainers get the main job: the built-in 0.26M-parameter Llama and character tokenizer (the
 same initial weights for a seed; saved to a directory, from which TRL loads its policy and its
@@ -26,6 +27,10 @@ timed separately), median step time, peak RSS, and held-out accuracy at the end 
 ``--eval-every`` step). One table on stdout; every run, the settings and the machine go to the
 JSON file. TRL is an optional extra: without it only ``ours`` runs. On a shared machine run it
 under ``flock /tmp/gk-heavy.lock``.
+
+``--tabulate``: the runs of several JSON files (e.g. one per trainer and seed, each run with the
+machine to itself) in one table; a column per trainer (``ours`` with ``--ours-flags`` is its own
+column, so option ablations tabulate too). Files with different steps, threads or head are refused.
 
 ``--large-head``: the same body with its 18-token embedding padded to 151,936 rows and an untied
 151,936-token head (real checkpoints pad their vocabularies far beyond the tokenizer's); the
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--large-head", action="store_true", help=f"pad the vocabulary to {LARGE_VOCAB:,} with an untied head")
     ap.add_argument("--json", default="vs_trl.json", help="where every run's results go")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    ap.add_argument("--tabulate", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: one table from these result files (written by --json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON spec
     return ap
 
@@ -272,16 +279,27 @@ def machine() -> dict[str, Any]:
             else os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def label(result: dict[str, Any]) -> str:
+    """A result's column: its trainer, and for ``ours`` its extra train flags (an ablation is its own column)."""
+    flags = result.get("ours_flags", "") if result["trainer"] == "ours" else ""
+    return f"ours {flags}" if flags else result["trainer"]
+
+
 def table(results: list[dict[str, Any]], trainers: Sequence[str], seeds: Sequence[int]) -> str:
-    """One row per seed, one column per trainer: held-out accuracy and wall time; then the means and ratios."""
-    by = {(r["trainer"], r["seed"]): r for r in results if "error" not in r}
+    """One row per seed, one column per trainer (a :func:`label`): held-out accuracy and wall time; then the
+    means, the wall-time ratios and the accuracy spread."""
+    by = {(label(r), r["seed"]): r for r in results if "error" not in r}
+    failed = {(label(r), r["seed"]) for r in results if "error" in r}
     head = "| seed | " + " | ".join(trainers) + " |\n|---|" + "---|" * len(trainers)
     lines = [head]
     for seed in seeds:
         cells = []
         for t in trainers:
             r = by.get((t, seed))
-            cells.append("failed" if r is None else f"{r['accuracy']:.3f}, {r['wall_s']:.0f} s ({r['median_step_s'] * 1e3:.0f} "
+            if r is None:  # a run that failed, or one not in these results (e.g. a --tabulate file left out)
+                cells.append("failed" if (t, seed) in failed else "-")
+                continue
+            cells.append(f"{r['accuracy']:.3f}, {r['wall_s']:.0f} s ({r['median_step_s'] * 1e3:.0f} "
                          f"ms/step, {r['peak_rss_mb']:.0f} MB)")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     means = []
@@ -297,7 +315,75 @@ def table(results: list[dict[str, Any]], trainers: Sequence[str], seeds: Sequenc
             theirs = [by[(t, s)]["wall_s"] for s in seeds if (t, s) in by]
             ratios.append(f"{statistics.fmean(ours) / statistics.fmean(theirs):.2f}x" if ours and theirs else "-")
         lines.append("| ours' wall time / column's | " + " | ".join(ratios) + " |")
+    spreads = []
+    for t in trainers:
+        accs = [by[(t, s)]["accuracy"] for s in seeds if (t, s) in by]
+        spreads.append(f"{statistics.stdev(accs):.3f} ({min(accs):.3f}-{max(accs):.3f})" if len(accs) > 1 else "-")
+    lines.append("| accuracy sd (min-max) | " + " | ".join(spreads) + " |")
     return "\n".join(lines)
+
+
+def curve_table(results: list[dict[str, Any]], trainers: Sequence[str]) -> str:
+    """Mean held-out accuracy over the seeds at each evaluated step (rows), one column per trainer."""
+    ok = [r for r in results if "error" not in r]
+    steps = sorted({int(k) for r in ok for k in r.get("curve", {})})
+    lines = ["| step | " + " | ".join(trainers) + " |\n|---|" + "---|" * len(trainers)]
+    for step in steps:
+        cells = []
+        for t in trainers:
+            accs = [r["curve"][str(step)] for r in ok if label(r) == t and str(step) in r.get("curve", {})]
+            cells.append(f"{statistics.fmean(accs):.3f} (n={len(accs)})" if accs else "-")
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tabulate(paths: Sequence[str]) -> tuple[str, list[dict[str, Any]], list[str], list[int]]:
+    """The runs of several result files as one table: (header line, results, columns, seeds).
+
+    Columns keep the order they first appear in; a (column, seed) that succeeded twice, or files whose
+    steps, threads or head differ, are refused (ValueError naming the file)."""
+    results: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], str] = {}
+    first: Optional[dict[str, Any]] = None
+    machines, commits = [], []
+    for path in paths:
+        info = json.loads(Path(path).read_text())
+        if first is None:
+            first = info
+        for key in ("steps", "threads", "large_head"):
+            if info.get(key) != first.get(key):
+                raise ValueError(f"tabulate: {path} has {key}={info.get(key)!r}; {paths[0]} has {first.get(key)!r}")
+        cpu = info.get("machine", {}).get("cpu", "?")
+        machines += [cpu] if cpu not in machines else []
+        commit = info.get("commit", "?")
+        commits += [commit] if commit not in commits else []
+        for r in info["results"]:
+            key = (label(r), r["seed"])
+            if "error" in r:  # a failed run (a rerun in another file may have succeeded): kept, as "failed"
+                results.append(r)
+                continue
+            if key in seen:
+                raise ValueError(f"tabulate: {key[0]} seed {key[1]} is in both {seen[key]} and {path}")
+            seen[key] = path
+            results.append(r)
+    columns = list(dict.fromkeys(label(r) for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    assert first is not None  # argparse's nargs="+" gives at least one path
+    header = (f"{'large-head (V = 151,936, untied) ' if first.get('large_head') else ''}main job, {first.get('steps')} steps, "
+              f"{first.get('threads')} threads, {' / '.join(machines)}; commit {', '.join(commits)}")
+    return header, results, columns, seeds
+
+
+def _commit() -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ from it), or ``?`` without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=ROOT, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head + ("+dirty" if dirty else "")) if head else "?"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -305,6 +391,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(worker(json.loads(sys.argv[2]))))
         return 0
     args = parse_args(argv)
+    if args.tabulate:
+        try:
+            header, results, columns, seeds = tabulate(args.tabulate)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(header)
+        print(table(results, columns, seeds))
+        if any(r.get("curve") for r in results):
+            print("\nmean held-out accuracy over the seeds at each evaluated step:")
+            print(curve_table(results, columns))
+        return 0
     trainers = list(args.trainers)
     try:
         import trl  # noqa: F401
@@ -313,7 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("trl is not installed: running ours only (pip install trl for the side-by-side)", file=sys.stderr)
         trainers = [t for t in trainers if t == "ours"]
     results: list[dict[str, Any]] = []
-    info = {"machine": machine(), "argv": sys.argv, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    info = {"machine": machine(), "commit": _commit(), "argv": sys.argv,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "shared_settings": SHARED, "steps": args.steps, "threads": args.threads, "ours_flags": args.ours_flags,
             "large_head": args.large_head}
     for seed in args.seeds:
@@ -321,12 +420,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             spec = {"trainer": t, "seed": seed, "steps": args.steps, "threads": args.threads, "eval_every": args.eval_every,
                     "ours_flags": args.ours_flags, "large_head": args.large_head}
             print(f"running {t} seed {seed} ({args.steps} steps, {args.threads} threads)...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             try:
                 proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                                       capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
                 if proc.returncode:
                     raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                # process_wall_s: the whole run (start-up, model, training, evaluations), as a user waits for it
+                results.append({**json.loads(proc.stdout.strip().splitlines()[-1]),
+                                "process_wall_s": time.perf_counter() - t0})
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as exc:
                 results.append({**spec, "error": str(exc)})
                 print(f"  failed: {exc}", file=sys.stderr)
@@ -335,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.threads} threads, {info['machine']['cpu']}; ours flags: {args.ours_flags or '(defaults)'}")
     print("accuracy = held-out greedy accuracy at the end; wall time of the training loop (evaluation excluded); "
           "median step time; peak RSS")
-    print(table(results, trainers, args.seeds))
+    print(table(results, [label({"trainer": t, "ours_flags": args.ours_flags}) for t in trainers], args.seeds))
     if args.eval_every:
         print("\nheld-out accuracy curves:")
         for r in results:
