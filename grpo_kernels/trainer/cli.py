@@ -191,8 +191,8 @@ def train(args: argparse.Namespace) -> int:
     train_rows, eval_rows = task.split()
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads must be an int >= 1; got {args.threads}")
-    # Even the built-in model's job ran 1.5x faster on 2 threads than on 1 (2 vCPUs, a quiet machine),
-    # so the default is every core this process may use, not torch's guess (physical cores). On a
+    # Even the built-in model's step ran 1.18x faster on 2 threads than on 1 (Intel Xeon with AMX,
+    # 2 vCPU, benchmarks/profile_step.py, 2026-12-02), so the default is every core this process may use, not torch's guess (physical cores). On a
     # machine other jobs keep busy, --threads 1 avoids waiting on a descheduled second thread.
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     if dp is not None and args.threads is None:  # this machine's processes share its cores
