@@ -71,7 +71,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       std::vector<T> dz_pairs(vnni && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
       std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
       std::vector<float> dwt(vnni && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
-      std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+      std::vector<float> dw_tile(need_dw ? static_cast<size_t>((vnni ? 1 : kGroup) * kVocabBlock * D) : 0);
       std::vector<float> db_rows;
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
@@ -110,19 +110,27 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                                dz_pairs.data(), dwt.data(), true);
                 }
               }
-              if (need_dw) {
-                if (vnni) {
-                  for (int64_t k = 0; k < D; ++k)
-                    for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
-                } else {
-                  tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
-                }
+              if (need_dw && vnni) {
+                for (int64_t k = 0; k < D; ++k)
+                  for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
                 flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
                             si == 0);
               }
             },
             [&](const VocabGroup& g) {
-              if (need_dh) {
+              if (need_dw && !vnni) {
+                // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
+                // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
+                // as one per block
+                tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, false, dzt.data(), hp + s0 * D, dw_tile.data(), false);
+                flush_dw<T>(dw_tile.data(), g.rows * D, dwp + g.v0 * D,
+                            dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
+              }
+              if (need_dh && !vnni) {
+                // dH^T [D, sn] += W_group^T [D, rows] dZ^T_group [rows, sn]: one call per group, so the plain GEMM
+                // packs W_group^T once, not once per token chunk
+                tile_gemm<T>(eng, D, sn, kv, wt_ld, s_ld, s_ld, true, wt.data(), dzt.data(), my_dht, false);
+              } else if (need_dh) {
                 for (int64_t c = 0; c < nchunks; ++c) {
                   const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
                   const T* bz = dzt.data() + n0;
