@@ -60,7 +60,7 @@ def _ext():
 
 
 def gemm_path(dtype: torch.dtype, d: int) -> str:
-    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/amx-vnni' or 'mkl/plain'."""
+    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/plain', 'brgemm-vnni/amx-vnni' or 'mkl/plain'."""
     return cpu_engines.gemm_path(dtype, d)
 
 
