@@ -1,8 +1,7 @@
 // The two-pass backward: recomputes each logits tile from the forward's lse, then dW and dH.
 #include "backward_loop.h"
-#include "common.h"
 #include "dw_accumulator.h"
-#include "packing.h"
+#include "prologue.h"
 #include "tiles.h"
 
 namespace grpo_kernels {
@@ -13,16 +12,15 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                    const at::Tensor& lse_t, const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
                    const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
                    c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
-  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
-  const T* hp = h.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
-  const T* bp = b ? b->data_ptr<T>() : nullptr;
-  const int64_t* tp = t.data_ptr<int64_t>();
-  const Engine eng = opt.engine;
-  const bool vnni = use_vnni<T>(eng, D);
+  const Problem<T> pr(h, w, b, t, opt);
+  const int64_t N = pr.N, D = pr.D, V = pr.V;
+  const T *hp = pr.hp, *wp = pr.wp, *bp = pr.bp;
+  const int64_t* tp = pr.tp;
+  const Engine eng = pr.eng;
+  const bool vnni = pr.vnni;
+  const Transform& tr = pr.tr;
+  const Partition& part = pr.part;
   const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
-  const Transform tr(opt);
-  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
   const int64_t nthreads = part.nthreads;
   const float* lse = lse_t.data_ptr<float>();
   const float* gl = gl_t.data_ptr<float>();
@@ -50,15 +48,10 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   for (int64_t si = 0; si < nsuper; ++si) {
     const int64_t s0 = si * S, sn = std::min(S, N - s0);
     const int64_t nchunks = ceil_div(sn, kTokenChunk);
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
-        const T* hc = hp + (s0 + c * kTokenChunk) * D;
-        Packer<T>::h_transposed(hc, mc, D, vnni, packed_ht.data() + c * D * kLd);
-        if (!ht.empty())
-          for (int64_t k = 0; k < D; ++k)
-            for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
-      }
+    pr.pack_ht(s0, sn, packed_ht.data(), [&](int64_t c, const T* hc, int64_t mc) {
+      if (!ht.empty())
+        for (int64_t k = 0; k < D; ++k)
+          for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
     });
     if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
     const GradInputs gin_base{lse + s0, gl + s0, ge ? ge + s0 : nullptr, ge ? mean_z.data() + s0 : nullptr};
@@ -71,7 +64,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       std::vector<T> dz_pairs(vnni && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
       std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
       std::vector<float> dwt(vnni && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
-      std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+      std::vector<float> dw_tile(need_dw ? static_cast<size_t>((vnni ? 1 : kGroup) * kVocabBlock * D) : 0);
       std::vector<float> db_rows;
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
@@ -110,19 +103,27 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                                dz_pairs.data(), dwt.data(), true);
                 }
               }
-              if (need_dw) {
-                if (vnni) {
-                  for (int64_t k = 0; k < D; ++k)
-                    for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
-                } else {
-                  tile_gemm<T>(eng, vb, D, sn, s_ld, D, D, false, dzt_block, hp + s0 * D, dw_tile.data(), false);
-                }
+              if (need_dw && vnni) {
+                for (int64_t k = 0; k < D; ++k)
+                  for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
                 flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
                             si == 0);
               }
             },
             [&](const VocabGroup& g) {
-              if (need_dh) {
+              if (need_dw && !vnni) {
+                // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
+                // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
+                // as one per block
+                tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, false, dzt.data(), hp + s0 * D, dw_tile.data(), false);
+                flush_dw<T>(dw_tile.data(), g.rows * D, dwp + g.v0 * D,
+                            dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
+              }
+              if (need_dh && !vnni) {
+                // dH^T [D, sn] += W_group^T [D, rows] dZ^T_group [rows, sn]: one call per group, so the plain GEMM
+                // packs W_group^T once, not once per token chunk
+                tile_gemm<T>(eng, D, sn, kv, wt_ld, s_ld, s_ld, true, wt.data(), dzt.data(), my_dht, false);
+              } else if (need_dh) {
                 for (int64_t c = 0; c < nchunks; ++c) {
                   const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
                   const T* bz = dzt.data() + n0;
@@ -179,8 +180,7 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
               const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,
               const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
               c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
-  check_inputs(h, w, b, t);
-  check_engine(opt.engine, h.scalar_type());
+  check_call(h, w, b, t, opt);
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
   if (h.size(0) == 0) {
     if (dw) dw->zero_();

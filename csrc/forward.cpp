@@ -1,7 +1,6 @@
 // The forward: streamed logits tiles folded into per-token log-probs, lse and entropy; with a `kept`
 // workspace, also the one-pass schedule's forward of one token chunk.
-#include "common.h"
-#include "packing.h"
+#include "prologue.h"
 #include "tiles.h"
 
 namespace grpo_kernels {
@@ -11,16 +10,15 @@ template <typename T>
 void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                   const LogprobsOptions& opt, at::Tensor& logp_out, at::Tensor& lse_out,
                   c10::optional<at::Tensor> ent_out, uint8_t* kept = nullptr) {
-  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
-  const T* hp = h.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
-  const T* bp = b ? b->data_ptr<T>() : nullptr;
-  const int64_t* tp = t.data_ptr<int64_t>();
-  const Engine eng = opt.engine;
-  const bool vnni = use_vnni<T>(eng, D);
+  const Problem<T> pr(h, w, b, t, opt);
+  const int64_t N = pr.N, D = pr.D, V = pr.V;
+  const T *hp = pr.hp, *wp = pr.wp, *bp = pr.bp;
+  const int64_t* tp = pr.tp;
+  const Engine eng = pr.eng;
+  const bool vnni = pr.vnni;
+  const Transform& tr = pr.tr;
+  const Partition& part = pr.part;
   const bool want_q = ent_out.has_value();
-  const Transform tr(opt);
-  const Partition part{at::get_num_threads(), ceil_div(V, kVocabBlock)};
   const int64_t nthreads = part.nthreads;
 
   // super-chunks bound the packed H^T and the per-thread stats; kept logits hold one token chunk
@@ -35,12 +33,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   for (int64_t s0 = 0; s0 < N; s0 += S) {
     const int64_t sn = std::min(S, N - s0);
     const int64_t nchunks = ceil_div(sn, kTokenChunk);
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t mc = std::min(kTokenChunk, sn - c * kTokenChunk);
-        Packer<T>::h_transposed(hp + (s0 + c * kTokenChunk) * D, mc, D, vnni, packed.data() + c * D * kLd);
-      }
-    });
+    pr.pack_ht(s0, sn, packed.data());
     std::fill(stats.begin(), stats.end(), 0.f);
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
@@ -98,8 +91,7 @@ using namespace detail;
 
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
              const LogprobsOptions& opt, at::Tensor& logp, at::Tensor& lse, c10::optional<at::Tensor> entropy) {
-  check_inputs(h, w, b, t);
-  check_engine(opt.engine, h.scalar_type());
+  check_call(h, w, b, t, opt);
   if (h.size(0) == 0) return;
   GRPO_DISPATCH(h.scalar_type(), [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy); });
 }
@@ -107,8 +99,7 @@ void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::T
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                    const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
                    c10::optional<at::Tensor> entropy) {
-  check_inputs(h, w, b, t);
-  check_engine(opt.engine, h.scalar_type());
+  check_call(h, w, b, t, opt);
   check_kept(h, w, kept);
   GRPO_DISPATCH(h.scalar_type(),
                 [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<uint8_t>()); });

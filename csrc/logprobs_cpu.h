@@ -13,7 +13,7 @@
 //           then chunk_backward (dW and dH from what was kept): three GEMMs per token instead of four.
 //
 // Files: tile_engine.{h,cpp} (the GEMM engines behind one interface), common.h (tile sizes, budgets, the
-// logit transform, checks), packing.h (operand transposes / VNNI packing), tiles.h (per-logit math of a
+// logit transform, checks), prologue.h (what forward and the two-pass backward unpack alike), packing.h (operand transposes / VNNI packing), tiles.h (per-logit math of a
 // tile and the one-pass kept workspace), dw_accumulator.h (the compensated 16-bit dW), backward_loop.h
 // (the vocab-group loop both backward schedules share), forward.cpp, backward.cpp (two passes),
 // one_pass.cpp (the one-pass gradient step), bindings.cpp.

@@ -79,7 +79,8 @@ Engine parse_engine(const std::string& name) {
   if (name == "brgemm") return Engine::kBrgemm;
   if (name == "mkl") return Engine::kMkl;
   if (name == "atmm") return Engine::kAtMm;
-  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'mkl' or 'atmm'; got '", name, "'");
+  if (name == "brgemm-vnni") return Engine::kBrgemmVnni;
+  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl' or 'atmm'; got '", name, "'");
 }
 
 const char* engine_name(Engine e) {
@@ -87,6 +88,7 @@ const char* engine_name(Engine e) {
     case Engine::kBrgemm: return "brgemm";
     case Engine::kMkl: return "mkl";
     case Engine::kAtMm: return "atmm";
+    case Engine::kBrgemmVnni: return "brgemm-vnni";
   }
   return "?";
 }
@@ -100,6 +102,9 @@ std::string engine_unavailable(Engine e, at::ScalarType dtype) {
               "grpo_kernels._C: unsupported dtype ", dtype);
   switch (e) {
     case Engine::kBrgemm: return "";
+    case Engine::kBrgemmVnni:
+      if (dtype == at::kFloat) return "fp32 tiles take no VNNI packing";
+      return has_amx(dtype) ? "" : "VNNI-packed brgemm needs AMX tiles for this dtype, which this CPU lacks";
     case Engine::kMkl:
       if (dtype == at::kFloat) return mkl().sgemm ? "" : "MKL's sgemm_ is not exported by this torch";
       if ((dtype == at::kBFloat16 ? mkl().bf16 : mkl().f16) == nullptr)
@@ -122,14 +127,15 @@ bool use_vnni(Engine e, int64_t d) {
     return false;
   } else {
     // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
-    return e == Engine::kBrgemm && d % 2 == 0 && has_amx(c10::CppTypeToScalarType<T>::value);
+    return e == Engine::kBrgemmVnni && d % 2 == 0 && has_amx(c10::CppTypeToScalarType<T>::value);
   }
 }
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni) {
-  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemm);
+  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni);
+  if (e == Engine::kBrgemmVnni) e = Engine::kBrgemm;  // the same entry; only the B layout differs
   if constexpr (std::is_same_v<T, float>) {
     if (e == Engine::kMkl) return mkl_gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
     if (e == Engine::kBrgemm) return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
@@ -149,7 +155,7 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 }
 
 void release(Engine e) {
-  if (e == Engine::kBrgemm) at::native::cpublas::brgemm_release(true);
+  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni) at::native::cpublas::brgemm_release(true);
 }
 
 template <typename T>
@@ -159,6 +165,7 @@ static double tile_gflops_impl(Engine e, int64_t d, int64_t reps) {
   const at::Tensor w = at::randn({kBlocks * kM, d}).to(dt);
   const at::Tensor ht = at::randn({d, kN}).to(dt);  // the plain B operand H^T [d, 256]
   const int64_t nthreads = at::get_num_threads();
+  const bool vnni = use_vnni<T>(e, d);  // the layout the kernels hand this engine (same bytes either way)
   double best = 1e30;
   for (int trial = 0; trial < 3; ++trial) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -167,7 +174,7 @@ static double tile_gflops_impl(Engine e, int64_t d, int64_t reps) {
       for (int64_t tid = a0; tid < a1; ++tid)
         for (int64_t r = 0; r < reps; ++r)
           tile_gemm<T>(e, kM, kN, d, d, kN, kN, false, w.data_ptr<T>() + ((tid + r) % kBlocks) * kM * d,
-                       ht.data_ptr<T>(), c.data(), false);
+                       ht.data_ptr<T>(), c.data(), vnni);
       release(e);
     });
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -5,8 +5,11 @@
 // (grpo_kernels/backends/cpu_engines.py: capability, a short measured probe, or the user's choice) and
 // travels in LogprobsOptions; the kernels never pick one themselves.
 //
-// - brgemm: ATen's batch-reduce GEMM (oneDNN's JIT micro-kernel on AMX; a plain fallback elsewhere).
-//           On AMX the forward and two-pass backward hand it VNNI-packed operands.
+// - brgemm: ATen's cpublas::brgemm on plain row-major operands. For 16-bit inputs ATen then runs its
+//           full bf16/fp16 x -> fp32 GEMM (with its own packing and cache blocking), not the micro-kernel.
+// - brgemm-vnni: the same entry with VNNI-packed B operands (on AMX: oneDNN's JIT brgemm micro-kernel).
+//           Measured on an Intel Xeon with AMX, 1 thread, bf16: 250-550 GFLOP/s at the kernels' shapes
+//           against 600-1,000 for plain `brgemm`, so it is opt-in (GRPO_KERNELS_CPU_ENGINE=brgemm-vnni).
 // - mkl:    MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (16-bit x 16-bit -> fp32) and sgemm,
 //           resolved at run time from the libtorch_cpu the torch wheel ships (no new dependency).
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
@@ -19,7 +22,7 @@
 
 namespace grpo_kernels {
 
-enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2 };
+enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3 };
 
 Engine parse_engine(const std::string& name);
 const char* engine_name(Engine e);
@@ -29,7 +32,7 @@ void check_engine(Engine e, at::ScalarType dtype);
 // Whether this machine has AMX tiles for 16-bit GEMMs (what makes VNNI packing pay).
 bool has_amx(at::ScalarType dtype);
 
-// VNNI-packed operands for this engine, dtype and hidden size: brgemm on AMX with an even D.
+// VNNI-packed operands for this engine, dtype and hidden size: brgemm-vnni on AMX with an even D.
 template <typename T>
 bool use_vnni(Engine e, int64_t d);
 

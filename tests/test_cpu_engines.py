@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_
 if HAS_CPU_EXT:
     from grpo_kernels.backends import cpu, cpu_engines
 
-ENGINES = ("brgemm", "mkl", "atmm")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
 
@@ -76,11 +76,12 @@ def test_fused_loss_on_engine(engine, dtype, dim, schedule, seed, monkeypatch):
     check(out, grads, oracle64(*args), same_dtype(*args))
 
 
-def test_default_schedule_follows_the_gemm_path():
-    """One pass everywhere but on AMX's packed brgemm path, where two passes measured faster."""
+def test_default_schedule_two_passes_only_for_16bit_on_amx():
+    """One pass everywhere but for 16-bit tiles on AMX at an even D, where two passes measured faster."""
     for dt in DTYPES.values():
-        for d in (896, 33):
-            assert cpu.one_pass(dt, d) == (not cpu.gemm_path(dt, d).endswith("/amx-vnni"))
+        amx = dt != torch.float32 and cpu._ext().has_amx(dt)
+        assert cpu.one_pass(dt, 896) == (not amx)
+        assert cpu.one_pass(dt, 33)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
@@ -91,7 +92,8 @@ def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
     assert engine in cpu_engines.available_engines(dt) and why
     assert cpu.gemm_path(dt, 896).startswith(engine + "/")
     if dt != torch.float32 and cpu._ext().has_amx(dt):
-        assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/amx-vnni")
+        assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/plain")
+        assert cpu_engines.gemm_path(dt, 896, "brgemm-vnni") == "brgemm-vnni/amx-vnni"
 
 
 def test_engine_forced_per_dtype(monkeypatch):

@@ -6,17 +6,18 @@ The tile-GEMM engine of every call is ``cpu_engines.engine_for(dtype)`` (the use
 GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` names it.
 
 ``forward_backward`` (the fused GRPO loss) picks its schedule by the engine's GEMM path:
-- one pass, three GEMMs per token, on every engine's plain path (any engine but AMX's packed brgemm,
-  and fp32 everywhere). Chunks of at most 256 tokens keep exp(logit - running max) per logit (bf16
+- one pass, three GEMMs per token, everywhere but for 16-bit inputs on AMX (fp32 everywhere). Chunks of at most 256 tokens keep exp(logit - running max) per logit (bf16
   for 16-bit inputs: 83 MB for 256 tokens at V = 151936; fp32 for fp32 inputs), get their loss
   coefficients, then form dH and add into dW; a 16-bit dW crosses chunks through an int8 residual
   [V, D] (136 MB at D = 896), so it is rounded as if accumulated in fp32, and keeps it until the
   backward, which scales it by grad_output and rounds it once (``_Formed``). It runs on AMX too
-  (GRPO_KERNELS_CPU_ENGINE=mkl, or brgemm on unpacked operands), but is not the default there:
-- the shared two-pass schedule of ``grpo_kernels.backends``, four GEMMs per token, on brgemm/amx-vnni (16-bit on AMX). Measured on an Intel Xeon with
-  AMX, 2 vCPU, bf16, 8 x 512 tokens: one pass 2.57x its three-GEMM floor against two passes'
-  2.16-2.40x, as at AMX GEMM speed the one pass's per-chunk costs (all of W streamed and all of dW,
-  with its residual, re-read and re-written once per 256 tokens) outweigh the saved GEMM.
+  (``CpuTuning(schedule="one-pass")``), but is not the default there:
+- the shared two-pass schedule of ``grpo_kernels.backends``, four GEMMs per token, for 16-bit inputs on
+  AMX (even D). Measured on an Intel Xeon with AMX, 2 vCPU, bf16, 8 x 512 tokens: one pass 2.57x its
+  three-GEMM floor against two passes' 2.16-2.40x (both before the two-pass backward's GEMMs moved to
+  whole-group calls on plain operands), as at AMX GEMM speed the one pass's per-chunk costs (all of W
+  streamed and all of dW, with its residual, re-read and re-written once per 256 tokens) outweigh the
+  saved GEMM.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def _ext():
 
 
 def gemm_path(dtype: torch.dtype, d: int) -> str:
-    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/amx-vnni' or 'mkl/plain'."""
+    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/plain', 'brgemm-vnni/amx-vnni' or 'mkl/plain'."""
     return cpu_engines.gemm_path(dtype, d)
 
 
 def one_pass(dtype: torch.dtype, d: int) -> bool:
     """Whether forward_backward runs the one-pass, three-GEMM schedule for this dtype and hidden size:
-    everywhere but on AMX's packed brgemm path (see the module docstring)."""
-    return not gemm_path(dtype, d).endswith("/amx-vnni")
+    everywhere but for 16-bit tiles on AMX at an even hidden size, the case measured faster with two
+    passes (see the module docstring; an odd D on AMX is unmeasured and keeps the one pass)."""
+    return dtype == torch.float32 or d % 2 == 1 or not _ext().has_amx(dtype)
 
 
 def _vec(x: Optional[Tensor]) -> Optional[Tensor]:

@@ -2,8 +2,10 @@
 
 The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engines:
 
-- ``brgemm``: ATen's batch-reduce GEMM, oneDNN's JIT micro-kernel on AMX (with VNNI-packed operands
-  in the forward and the two-pass backward), a plain fallback elsewhere. Runs every dtype.
+- ``brgemm``: ATen's ``cpublas::brgemm`` on plain row-major operands; for 16-bit inputs ATen then runs
+  its full 16-bit x 16-bit -> fp32 GEMM (its own packing and blocking). Runs every dtype.
+- ``brgemm-vnni``: the same entry with VNNI-packed B operands, which on AMX runs oneDNN's JIT brgemm
+  micro-kernel; 16-bit on AMX only. Opt-in: measured slower than ``brgemm`` (below).
 - ``mkl``: MKL's ``cblas_gemm_bf16bf16f32`` / ``cblas_gemm_f16f16f32`` (16-bit x 16-bit -> fp32) and
   ``sgemm``, found at run time in the libtorch_cpu the torch wheel ships (no extra dependency; a torch
   without them reports the engine unavailable).
@@ -16,13 +18,15 @@ Selection, per dtype, cached per process (``engine_for``):
 1. the user's choice: ``GRPO_KERNELS_CPU_ENGINE=<engine>`` for every dtype, or per dtype
    ``GRPO_KERNELS_CPU_ENGINE="bf16=mkl,fp32=atmm"`` (keys ``bf16``, ``fp16``, ``fp32``); an engine that
    cannot run that dtype here raises, naming why;
-2. capability where it decides: 16-bit tiles on AMX run ``brgemm`` (measured on an Intel Xeon with AMX,
-   2 vCPU, at the kernels' 256 x 256 x 896 tile: brgemm 880-1,050 GFLOP/s per thread, MKL 710); fp32
-   runs ``mkl`` (torch.mm's own sgemm without the tensor wrapping);
+2. capability where it decides: 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
+   Intel Xeon with AMX, 1 thread, bf16, ATen's brgemm at the kernels' shapes such as 256 x 256 x 896 and
+   896 x 256 x 1024: plain 600-1,000 GFLOP/s, VNNI-packed micro-kernel 250-550, MKL 710-860; the
+   two-pass backward at N = 4096 took 2.7 s plain against 3.8-5.1 s VNNI-packed); fp32 runs ``mkl``
+   (torch.mm's own sgemm without the tensor wrapping);
 3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
    tile on every thread for each runnable engine (tens of milliseconds), the fastest wins.
 
-``gemm_path(dtype, d)`` names what ran, e.g. ``"brgemm/amx-vnni"`` or ``"mkl/plain"``.
+``gemm_path(dtype, d)`` names what ran, e.g. ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from . import cpu_extension
 
-ENGINES = ("brgemm", "mkl", "atmm")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm")
 ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
 _DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
@@ -102,7 +106,7 @@ def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
             return "mkl", "fp32: MKL sgemm"
         return "atmm", "fp32: at::mm"
     if ext.has_amx(dtype):
-        return "brgemm", "AMX: oneDNN brgemm with VNNI-packed operands"
+        return "brgemm", "AMX: ATen brgemm on plain operands (measured faster than VNNI-packed)"
     rates = probe(dtype)
     best = max(rates, key=rates.get)
     return best, "probe: " + ", ".join(f"{e} {r:.0f} GFLOP/s" for e, r in rates.items())
