@@ -246,6 +246,18 @@ def machine_info() -> dict:
         except Exception:
             versions[dist] = None
     info["versions"] = versions
+    # Which package and GEMM engines were measured: comparing two trees means running each tree's own
+    # harness (cases.py imports the checkout it lives in, whatever PYTHONPATH says), and this records it.
+    import cases
+
+    info["grpo_kernels_file"] = cases.gk.__file__
+    try:
+        from grpo_kernels.backends import cpu as _cpu
+
+        info["cpu_gemm_path"] = {name: _cpu.gemm_path(dt, 896) for name, dt in
+                                 (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    except Exception as exc:  # no extension, or an engine that cannot run here: say so, do not fail
+        info["cpu_gemm_path"] = f"unavailable: {exc}"
     try:  # read-only: which commit was measured
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                             timeout=10).stdout.strip() or None
