@@ -101,9 +101,13 @@ def test_two_processes_match_one(reference, tmp_path, mode):
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]  # one writer: no duplicate lines
     for a, b in zip(one, two):
         for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "eval/accuracy"):
-            assert (key in a) == (key in b) and a.get(key) == pytest.approx(b.get(key), rel=1e-6), key
+            assert (key in a) == (key in b), key
+            if key in a:  # pytest >= 9.2 refuses approx(None)
+                assert a[key] == pytest.approx(b[key], rel=1e-6), key
         for key in ("loss", "kl", "grad_norm", "clip_ratio/region_mean"):
-            assert (key in a) == (key in b) and a.get(key) == pytest.approx(b.get(key), rel=1e-3, abs=1e-5), key
+            assert (key in a) == (key in b), key
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
     # Rank 0 alone prints, plots and writes the checkpoint metadata.
     assert res.stdout.count("held-out greedy accuracy at step 0") == 1 and (out / "metrics.png").stat().st_size > 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "metrics.png"]
