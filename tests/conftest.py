@@ -49,3 +49,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", "Triton sm_80 / sm_90 ahead-of-time compiles")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def vs_trl():
+    """benchmarks/vs_trl.py loaded as a module (benchmarks/ is not a package), for the tests of its logic."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("vs_trl", Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("vs_trl", None)

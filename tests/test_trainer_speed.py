@@ -4,10 +4,7 @@ passes, the warm-up start, the thread default, and the vs_trl.py harness's argum
 Models are tiny (2 layers, hidden 32); the file runs in seconds on CPU.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from grpo_kernels.trainer.trainer import lr_factor, pass_order
 
 import test_trainer as trainer_tests
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(tokenizer, seed: int = 0):
@@ -272,15 +268,6 @@ def test_boolean_options_are_on_off_flags():
 
 
 # ------------------------------------------------------------------ benchmarks/vs_trl.py
-
-
-@pytest.fixture(scope="module")
-def vs_trl():
-    spec = importlib.util.spec_from_file_location("vs_trl", ROOT / "benchmarks" / "vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("vs_trl", None)
 
 
 def test_vs_trl_defaults_and_ours_config(vs_trl):

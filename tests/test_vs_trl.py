@@ -3,23 +3,10 @@ the accuracy spread and the mean curve. (Its arguments and the large-head model:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def vs_trl():
-    spec = importlib.util.spec_from_file_location("vs_trl_tables", ROOT / "benchmarks" / "vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("vs_trl_tables", None)
 
 
 def _run(trainer, seed, acc, wall, flags="", curve=None):
