@@ -237,26 +237,32 @@ KILLED_CHILD = textwrap.dedent("""
 """)
 
 
-def _train_and_kill(kill_at: int, flags: list[str]) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(kill_at), *TINY, *flags], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(120, child.kill)  # a child that never reaches the write must not hang the suite
+def kill_at_mid_write(cmd: list[str], env: dict, timeout: float) -> int:
+    """Run ``cmd`` in its own session and SIGKILL the whole session (a torchrun job: the launcher and every
+    rank) when it prints ``MID-WRITE``; return its exit status. A child that never reaches the write fails the
+    test after ``timeout`` s instead of hanging the suite."""
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    watchdog = threading.Timer(timeout, lambda: os.killpg(child.pid, signal.SIGKILL))
     watchdog.start()
     try:
         lines = []
         for line in child.stdout:
             lines.append(line)
             if line.startswith("MID-WRITE"):
-                child.send_signal(signal.SIGKILL)
+                os.killpg(child.pid, signal.SIGKILL)
                 break
         else:
-            pytest.fail("the child finished without reaching the checkpoint write:\n" + "".join(lines))
+            pytest.fail("the child finished without reaching the checkpoint write:\n" + "".join(lines[-50:]))
     finally:
         watchdog.cancel()
-        child.kill()
         child.wait(30)
-    assert child.returncode == -signal.SIGKILL
+    return child.returncode
+
+
+def _train_and_kill(kill_at: int, flags: list[str]) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    assert kill_at_mid_write([sys.executable, "-c", KILLED_CHILD, str(kill_at), *TINY, *flags], env, 120) == -signal.SIGKILL
 
 
 def test_kill_9_during_a_checkpoint_write(tmp_path):

@@ -14,11 +14,9 @@ small fraction of a step.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, exact_match, latest
 from grpo_kernels.trainer.checkpoint import DCP_FORMAT_VERSION, FORMAT_VERSION, read_state  # noqa: E402
 from grpo_kernels.trainer.cli import main  # noqa: E402
 from grpo_kernels.trainer.trainer import _check_split  # noqa: E402
+from test_trainer_checkpoints import kill_at_mid_write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -139,22 +138,7 @@ def test_kill_mid_checkpoint_then_resume_on_two_or_one_process(reference, tmp_pa
     script.write_text(KILLED_CHILD)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "4",
            *RUN, "--steps", str(STEPS), "--out", str(out)]
-    child = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    watchdog = threading.Timer(240, lambda: os.killpg(child.pid, signal.SIGKILL))
-    watchdog.start()
-    try:
-        lines = []
-        for line in child.stdout:
-            lines.append(line)
-            if line.startswith("MID-WRITE"):
-                os.killpg(child.pid, signal.SIGKILL)  # torchrun and both ranks at once
-                break
-        else:
-            pytest.fail("the job finished without reaching the checkpoint write:\n" + "".join(lines[-50:]))
-    finally:
-        watchdog.cancel()
-        child.wait(30)
+    kill_at_mid_write(cmd, _env(), 240)  # torchrun and both ranks at once
     assert latest_checkpoint(out).name == "step_00000002"
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step_00000004")]  # the torn write
     again = tmp_path / "again"  # the same killed run, resumed on 2 processes instead, and with FSDP2 (resharded)
