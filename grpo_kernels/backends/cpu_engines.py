@@ -1,6 +1,6 @@
 """Which tile-GEMM engine the C++ CPU kernels run, per input dtype.
 
-The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engines:
+The kernels' GEMMs go through one interface (csrc/tile_engine.h) with five engines:
 
 - ``brgemm``: ATen's ``cpublas::brgemm`` on plain row-major operands; for 16-bit inputs ATen then runs
   its full 16-bit x 16-bit -> fp32 GEMM (its own packing and blocking). Runs every dtype.
@@ -10,6 +10,9 @@ The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engi
   ``sgemm``, found at run time in the libtorch_cpu the torch wheel ships (no extra dependency; a torch
   without them reports the engine unavailable).
 - ``atmm``: ``at::mm`` on strided views (fp32 only).
+- ``amx``: our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand
+  layout (B VNNI-packed once by the schedules, read in place by the tile loads); ragged edges and
+  plain-operand calls go to ATen's brgemm. Needs a CPU with AMX-BF16 and Linux's permission.
 
 Every engine writes fp32 logits tiles, so the choice changes speed, never the accuracy class.
 
@@ -39,7 +42,7 @@ import torch
 
 from . import cpu_extension
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm", "amx")
 ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
 _DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
@@ -106,6 +109,8 @@ def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
             return "mkl", "fp32: MKL sgemm"
         return "atmm", "fp32: at::mm"
     if ext.has_amx(dtype):
+        if unavailable("amx", dtype) is None:
+            return "amx", "AMX: our AMX kernel on VNNI-packed operands (measured faster than ATen's brgemm and MKL)"
         return "brgemm", "AMX: ATen brgemm on plain operands (measured faster than VNNI-packed)"
     rates = probe(dtype)
     best = max(rates, key=rates.get)
