@@ -1,7 +1,7 @@
 // Micro-benchmark of the 16-bit tile GEMMs at the kernels' shapes (benchmarks/tile_gemm_bench.py builds
 // and runs it): ATen's brgemm on plain operands, the same on VNNI operands (oneDNN's JIT micro-kernel),
 // MKL's cblas_gemm_bf16bf16f32, and our own AMX kernel (csrc/amx_gemm.h) on VNNI operands. B is packed
-// once, as the kernels do; A streams through 16 distinct blocks, as the vocab blocks of W do.
+// once, as the kernels do (the AMX kernel with C macro blocks); A streams through 16 distinct blocks, as the vocab blocks of W do.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>

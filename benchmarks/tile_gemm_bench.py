@@ -43,7 +43,9 @@ def main() -> None:
         name="tile_gemm_bench",
         sources=[os.path.join(ROOT, "benchmarks", "tile_gemm_bench.cpp")],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O3", "-march=native", "-std=c++17"],
+        # -fopenmp: at::parallel_for is inline OpenMP; without it the "2 threads" would run one after the other
+        extra_cflags=["-O3", "-march=native", "-std=c++17", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         build_directory=os.environ.get("TILE_BENCH_BUILD") or None,
         verbose=False,
     )

@@ -5,8 +5,9 @@
 // AMX tile loads take a row stride, so both operands are read where the schedules packed them: no copy.
 //
 // Register blocking 2 x 2: C tiles 0-3 hold a 32 x 32 fp32 block, tiles 4-5 two 16 x 32 slices of A,
-// tiles 6-7 two 16-pair x 16 slices of B. Cache blocking: K in slices of kKc, and within a slice each
-// 32-column B panel (kKc x 32 bf16 = 16 KiB, L1) serves every 32-row block of A (from L2).
+// tiles 6-7 two 16-pair x 16 slices of B. Cache blocking: C in macro blocks of kMc x kNc that stay in L2,
+// K in slices of kKc, and within a slice each 32-column B panel (kKc x 32 bf16 = 16 KiB, L1) serves
+// every 32-row block of the macro block's A slice (from L2).
 // The 32-aligned part [m1 x n1 x k1] runs here; the ragged rest (rows, columns, K past a multiple of 32)
 // goes to ATen's brgemm on the same VNNI operands (oneDNN's micro-kernel), which then owns the AMX tile
 // configuration until release.
@@ -35,6 +36,7 @@ namespace grpo_kernels::amx {
 inline constexpr bool compiled = true;
 
 constexpr int64_t kKc = 256;  // K per cache slice (a multiple of 32)
+constexpr int64_t kMc = 256, kNc = 512;  // C macro block (multiples of 32)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -109,13 +111,19 @@ inline void block_2x2(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t
 inline void gemm_aligned(int64_t m1, int64_t n1, int64_t k1, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                          const uint16_t* a, const uint16_t* b, float* c) {
   configure();
-  for (int64_t k0 = 0; k0 < k1; k0 += kKc) {
-    const int64_t kc = std::min(kKc, k1 - k0);
-    const bool load_c = add || k0 > 0;
-    for (int64_t n0 = 0; n0 < n1; n0 += 32)
-      for (int64_t m0 = 0; m0 < m1; m0 += 32)
-        block_2x2(a + m0 * lda + k0, lda, b + (k0 / 2) * ldb * 2 + n0 * 2, ldb, c + m0 * ldc + n0, ldc, kc, load_c);
-  }
+  // C in macro blocks of kMc x kNc (512 KiB fp32) that stay in L2 across the K slices
+  for (int64_t mb = 0; mb < m1; mb += kMc)
+    for (int64_t nb = 0; nb < n1; nb += kNc) {
+      const int64_t me = std::min(m1, mb + kMc), ne = std::min(n1, nb + kNc);
+      for (int64_t k0 = 0; k0 < k1; k0 += kKc) {
+        const int64_t kc = std::min(kKc, k1 - k0);
+        const bool load_c = add || k0 > 0;
+        for (int64_t n0 = nb; n0 < ne; n0 += 32)
+          for (int64_t m0 = mb; m0 < me; m0 += 32)
+            block_2x2(a + m0 * lda + k0, lda, b + (k0 / 2) * ldb * 2 + n0 * 2, ldb, c + m0 * ldc + n0, ldc, kc,
+                      load_c);
+      }
+    }
   _tile_release();
 }
 

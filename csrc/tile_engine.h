@@ -44,6 +44,9 @@ bool use_vnni(Engine e, int64_t d);
 // plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
 // (benchmarks/tile_gemm_bench.py).
 bool vnni_gradients(Engine e);
+// Whether the two-pass backward's whole-group dW GEMM (dW_g = dZ_g^T H_s) takes H_s in VNNI token pairs,
+// packed once per super-chunk: the amx engine.
+bool vnni_whole_group_dw(Engine e);
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,

@@ -53,7 +53,17 @@ def test_amx_kernel_k_slices_and_ragged_edges(dim, seed, monkeypatch):
 
     force(monkeypatch, "amx", torch.bfloat16)
     assert cpu.gemm_path(torch.bfloat16, dim) == "amx/amx-vnni"
-    check_case("cpu", Case((2, 150), 1000, dim, torch.bfloat16, ignore="some", **ALL))
+    check_case("cpu", Case((3, 67), 1000, dim, torch.bfloat16, ignore="some", **ALL))
+
+
+def test_amx_whole_group_dw_over_super_chunks_with_an_odd_last_one(seed, monkeypatch):
+    """The amx engine's dW takes H in VNNI token pairs: an odd last super-chunk (601 = 256 + 256 + 89
+    tokens) pairs its last token with a zero row of H and a zero column of dZ^T."""
+    from test_linear_logprobs import Case, check_case
+
+    force(monkeypatch, "amx", torch.bfloat16)
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))):
+        check_case("cpu", Case((601,), 517, 64, torch.bfloat16, bias=True, entropy=True))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -21,7 +21,8 @@ Selection, per dtype, cached per process (``engine_for``):
 1. the user's choice: ``GRPO_KERNELS_CPU_ENGINE=<engine>`` for every dtype, or per dtype
    ``GRPO_KERNELS_CPU_ENGINE="bf16=mkl,fp32=atmm"`` (keys ``bf16``, ``fp16``, ``fp32``); an engine that
    cannot run that dtype here raises, naming why;
-2. capability where it decides: 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
+2. capability where it decides: bf16 tiles on AMX run ``amx`` when it can run (see the benchmark
+   record docs/bench/2026-12-02-intel-amx/amx_engine); else 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
    Intel Xeon with AMX, 1 thread, bf16, ATen's brgemm at the kernels' shapes such as 256 x 256 x 896 and
    896 x 256 x 1024: plain 600-1,000 GFLOP/s, VNNI-packed micro-kernel 250-550, MKL 710-860; the
    two-pass backward at N = 4096 took 2.7 s plain against 3.8-5.1 s VNNI-packed); fp32 runs ``mkl``
@@ -29,7 +30,7 @@ Selection, per dtype, cached per process (``engine_for``):
 3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
    tile on every thread for each runnable engine (tens of milliseconds), the fastest wins.
 
-``gemm_path(dtype, d)`` names what ran, e.g. ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
+``gemm_path(dtype, d)`` names what ran, e.g. ``"amx/amx-vnni"``, ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
 
 from __future__ import annotations
