@@ -20,8 +20,6 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const bool vnni = pr.vnni;
   // whether dW and dH take VNNI-packed dZ per token chunk too, or run as whole-group GEMMs on plain operands
   const bool vnni_dz = vnni && vnni_gradients(eng);
-  // whole-group dW with H of the super-chunk in VNNI token pairs, packed once per super-chunk (amx)
-  const bool dw_pairs = dw.has_value() && vnni && !vnni_dz && vnni_whole_group_dw(eng);
   const Transform& tr = pr.tr;
   const Partition& part = pr.part;
   const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
@@ -32,8 +30,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
 
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
-  const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T))) +
-                            (dw_pairs ? D * int64_t(sizeof(T)) : 0);
+  const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
   const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes,
                                       std::is_same_v<T, float> ? kFloatBackwardTokens
                                                                : std::numeric_limits<int64_t>::max());
@@ -45,7 +42,6 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
   std::vector<T> ht(vnni_dz && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
   std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
-  std::vector<T> h_pairs(dw_pairs ? static_cast<size_t>(round_up2(S) * D) : 0);
   std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
   std::vector<int8_t> dw_lo;
   T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
@@ -58,7 +54,6 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       if (!ht.empty())
         for (int64_t k = 0; k < D; ++k)
           for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
-      if (dw_pairs) Packer<T>::interleave_rows(hc, mc, D, D, D, h_pairs.data() + c * kTokenChunk * D);
     });
     if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
     const GradInputs gin_base{lse + s0, gl + s0, ge ? ge + s0 : nullptr, ge ? mean_z.data() + s0 : nullptr};
@@ -122,14 +117,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
                 // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
                 // as one per block
-                if (dw_pairs) {
-                  // K = sn rounded up to a pair: an odd sn pairs the last token with column sn of dZ^T, which
-                  // stays zero (dzt is zeroed per super-chunk and only columns < sn are written)
-                  tile_gemm<T>(eng, g.rows, D, round_up2(sn), s_ld, D, D, false, dzt.data(), h_pairs.data(),
-                               dw_tile.data(), true);
-                } else {
-                  tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, false, dzt.data(), hp + s0 * D, dw_tile.data(), false);
-                }
+                tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, false, dzt.data(), hp + s0 * D, dw_tile.data(), false);
                 flush_dw<T>(dw_tile.data(), g.rows * D, dwp + g.v0 * D,
                             dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
               }

@@ -143,7 +143,6 @@ bool use_vnni(Engine e, int64_t d) {
 }
 
 bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni; }
-bool vnni_whole_group_dw(Engine e) { return e == Engine::kAmx; }
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,

@@ -10,6 +10,9 @@
 // - brgemm-vnni: the same entry with VNNI-packed B operands (on AMX: oneDNN's JIT brgemm micro-kernel).
 //           Measured on an Intel Xeon with AMX, 1 thread, bf16: 250-550 GFLOP/s at the kernels' shapes
 //           against 600-1,000 for plain `brgemm`, so it is opt-in (GRPO_KERNELS_CPU_ENGINE=brgemm-vnni).
+//           benchmarks/tile_gemm_bench.py (2026-12-02, same machine kind) has it as fast as `amx` on the
+//           forward's tile (1,135 vs 1,076 GFLOP/s per thread on 2 threads; plain brgemm 728) and slow
+//           on the per-chunk VNNI gradient shapes, which `amx` does not use.
 // - mkl:    MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (16-bit x 16-bit -> fp32) and sgemm,
 //           resolved at run time from the libtorch_cpu the torch wheel ships (no new dependency).
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
@@ -44,9 +47,6 @@ bool use_vnni(Engine e, int64_t d);
 // plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
 // (benchmarks/tile_gemm_bench.py).
 bool vnni_gradients(Engine e);
-// Whether the two-pass backward's whole-group dW GEMM (dW_g = dZ_g^T H_s) takes H_s in VNNI token pairs,
-// packed once per super-chunk: the amx engine.
-bool vnni_whole_group_dw(Engine e);
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,

@@ -56,9 +56,9 @@ def test_amx_kernel_k_slices_and_ragged_edges(dim, seed, monkeypatch):
     check_case("cpu", Case((3, 67), 1000, dim, torch.bfloat16, ignore="some", **ALL))
 
 
-def test_amx_whole_group_dw_over_super_chunks_with_an_odd_last_one(seed, monkeypatch):
-    """The amx engine's dW takes H in VNNI token pairs: an odd last super-chunk (601 = 256 + 256 + 89
-    tokens) pairs its last token with a zero row of H and a zero column of dZ^T."""
+def test_amx_over_super_chunks_with_an_odd_last_one(seed, monkeypatch):
+    """The amx engine over several super-chunks (dW accumulated across them), the last one odd
+    (601 = 256 + 256 + 89 tokens: its VNNI-packed H^T pairs the last token's features with zeros)."""
     from test_linear_logprobs import Case, check_case
 
     force(monkeypatch, "amx", torch.bfloat16)
