@@ -25,6 +25,7 @@ SHAPES = [
     ("forward logits 256x256xD", 256, 256, D, D, 272, False),
     ("2-pass dW^T (vnni) Dx256x256", D, 256, 256, 4112, 272, True),
     ("2-pass dH^T (vnni) Dx256x1024", D, 256, 1024, 1056, 272, True),
+    ("2-pass dW (plain) 1024xDx1024", 1024, D, 1024, 1040, D, False),
     ("2-pass dW (plain) 1024xDx4096", 1024, D, 4096, 4112, D, False),
     ("2-pass dH^T (plain) Dx4096x1024", D, 4096, 1024, 1056, 4112, True),
     ("1-pass dW 256xDx256", 256, D, 256, 272, D, False),
