@@ -18,6 +18,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t* tp = pr.tp;
   const Engine eng = pr.eng;
   const bool vnni = pr.vnni;
+  // whether dW and dH take VNNI-packed dZ per token chunk too, or run as whole-group GEMMs on plain operands
+  const bool vnni_dz = vnni && vnni_gradients(eng);
   const Transform& tr = pr.tr;
   const Partition& part = pr.part;
   const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
@@ -38,7 +40,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t wt_ld = kGroup * kVocabBlock + 32;
   std::vector<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
   // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
-  std::vector<T> ht(vnni && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
+  std::vector<T> ht(vnni_dz && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
   std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
   std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
   std::vector<int8_t> dw_lo;
@@ -60,11 +62,11 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
       // dZ^T of a group of blocks for every token of the super-chunk, in the GEMM dtype
       std::vector<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
-      std::vector<T> dz_vnni(vnni && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
-      std::vector<T> dz_pairs(vnni && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
+      std::vector<T> dz_vnni(vnni_dz && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
+      std::vector<T> dz_pairs(vnni_dz && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
       std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
-      std::vector<float> dwt(vnni && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
-      std::vector<float> dw_tile(need_dw ? static_cast<size_t>((vnni ? 1 : kGroup) * kVocabBlock * D) : 0);
+      std::vector<float> dwt(vnni_dz && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
+      std::vector<float> dw_tile(need_dw ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D) : 0);
       std::vector<float> db_rows;
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
@@ -72,7 +74,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
         for_each_vocab_group(
             part, tid, V, need_db ? db_acc.data() : nullptr, db_rows,
             [&](const VocabGroup& g) {
-              kv = vnni ? round_up2(g.rows) : g.rows;
+              kv = vnni_dz ? round_up2(g.rows) : g.rows;
               if (need_dh) Packer<T>::w_transposed(wp + g.v0 * D, g.rows, D, kv, wt_ld, wt.data());
             },
             [&](const VocabGroup&, const VocabBlock& blk) {
@@ -96,14 +98,14 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                   else
                     at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
                 }
-                if (vnni && need_dw) {
+                if (vnni_dz && need_dw) {
                   // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
                   Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
                   tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0,
                                dz_pairs.data(), dwt.data(), true);
                 }
               }
-              if (need_dw && vnni) {
+              if (need_dw && vnni_dz) {
                 for (int64_t k = 0; k < D; ++k)
                   for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
                 flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
@@ -111,7 +113,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               }
             },
             [&](const VocabGroup& g) {
-              if (need_dw && !vnni) {
+              if (need_dw && !vnni_dz) {
                 // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
                 // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
                 // as one per block
@@ -119,7 +121,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 flush_dw<T>(dw_tile.data(), g.rows * D, dwp + g.v0 * D,
                             dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
               }
-              if (need_dh && !vnni) {
+              if (need_dh && !vnni_dz) {
                 // dH^T [D, sn] += W_group^T [D, rows] dZ^T_group [rows, sn]: one call per group, so the plain GEMM
                 // packs W_group^T once, not once per token chunk
                 tile_gemm<T>(eng, D, sn, kv, wt_ld, s_ld, s_ld, true, wt.data(), dzt.data(), my_dht, false);
@@ -128,12 +130,12 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                   const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
                   const T* bz = dzt.data() + n0;
                   int64_t ldb = s_ld;
-                  if (vnni) {
+                  if (vnni_dz) {
                     Packer<T>::interleave_rows(bz, g.rows, mc, s_ld, kLd, dz_vnni.data());
                     bz = dz_vnni.data();
                     ldb = kLd;
                   }
-                  tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni);
+                  tile_gemm<T>(eng, D, mc, kv, wt_ld, ldb, s_ld, true, wt.data(), bz, my_dht + n0, vnni_dz);
                 }
               }
             });

@@ -1,6 +1,8 @@
 // Tile-GEMM engines (see tile_engine.h).
 #include "tile_engine.h"
 
+#include "amx_gemm.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
@@ -80,7 +82,9 @@ Engine parse_engine(const std::string& name) {
   if (name == "mkl") return Engine::kMkl;
   if (name == "atmm") return Engine::kAtMm;
   if (name == "brgemm-vnni") return Engine::kBrgemmVnni;
-  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl' or 'atmm'; got '", name, "'");
+  if (name == "amx") return Engine::kAmx;
+  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'atmm' or 'amx'; got '", name,
+              "'");
 }
 
 const char* engine_name(Engine e) {
@@ -89,6 +93,7 @@ const char* engine_name(Engine e) {
     case Engine::kMkl: return "mkl";
     case Engine::kAtMm: return "atmm";
     case Engine::kBrgemmVnni: return "brgemm-vnni";
+    case Engine::kAmx: return "amx";
   }
   return "?";
 }
@@ -112,6 +117,11 @@ std::string engine_unavailable(Engine e, at::ScalarType dtype) {
                                       : "MKL's cblas_gemm_f16f16f32 is not exported by this torch";
       return "";
     case Engine::kAtMm: return dtype == at::kFloat ? "" : "at::mm has no 16-bit x 16-bit -> fp32 GEMM on CPU";
+    case Engine::kAmx:
+      if (dtype != at::kBFloat16) return "the AMX kernel runs bf16 tiles only";
+      if (!amx::compiled) return "this build of grpo_kernels._C has no AMX kernel (compiler without amx-tile/amx-bf16)";
+      if (!amx::available()) return "this CPU has no AMX bf16 tiles, or Linux did not grant them to this process";
+      return has_amx(dtype) ? "" : "ATen's brgemm reports no AMX for bf16 (it runs the kernel's ragged edges)";
   }
   return "unknown engine";
 }
@@ -127,14 +137,25 @@ bool use_vnni(Engine e, int64_t d) {
     return false;
   } else {
     // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
-    return e == Engine::kBrgemmVnni && d % 2 == 0 && has_amx(c10::CppTypeToScalarType<T>::value);
+    return (e == Engine::kBrgemmVnni || e == Engine::kAmx) && d % 2 == 0 &&
+           has_amx(c10::CppTypeToScalarType<T>::value);
   }
 }
+
+bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni; }
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni) {
-  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni);
+  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (e == Engine::kAmx && b_vnni) return amx::gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
+  }
+  if (e == Engine::kAmx) {
+    // plain B (the one-pass chunk's GEMMs, odd D): ATen's brgemm, which must reload its tile configuration
+    at::native::cpublas::brgemm_release(true);
+    e = Engine::kBrgemm;
+  }
   if (e == Engine::kBrgemmVnni) e = Engine::kBrgemm;  // the same entry; only the B layout differs
   if constexpr (std::is_same_v<T, float>) {
     if (e == Engine::kMkl) return mkl_gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
@@ -155,7 +176,7 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 }
 
 void release(Engine e) {
-  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni) at::native::cpublas::brgemm_release(true);
+  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || e == Engine::kAmx) at::native::cpublas::brgemm_release(true);
 }
 
 template <typename T>

@@ -10,9 +10,15 @@
 // - brgemm-vnni: the same entry with VNNI-packed B operands (on AMX: oneDNN's JIT brgemm micro-kernel).
 //           Measured on an Intel Xeon with AMX, 1 thread, bf16: 250-550 GFLOP/s at the kernels' shapes
 //           against 600-1,000 for plain `brgemm`, so it is opt-in (GRPO_KERNELS_CPU_ENGINE=brgemm-vnni).
+//           benchmarks/tile_gemm_bench.py (2026-12-02, same machine kind) has it as fast as `amx` on the
+//           forward's tile (1,135 vs 1,076 GFLOP/s per thread on 2 threads; plain brgemm 728) and slow
+//           on the per-chunk VNNI gradient shapes, which `amx` does not use.
 // - mkl:    MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (16-bit x 16-bit -> fp32) and sgemm,
 //           resolved at run time from the libtorch_cpu the torch wheel ships (no new dependency).
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
+// - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
+//           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
+//           calls (the one-pass chunk, odd D) go to ATen's brgemm.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +28,7 @@
 
 namespace grpo_kernels {
 
-enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3 };
+enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3, kAmx = 4 };
 
 Engine parse_engine(const std::string& name);
 const char* engine_name(Engine e);
@@ -32,9 +38,15 @@ void check_engine(Engine e, at::ScalarType dtype);
 // Whether this machine has AMX tiles for 16-bit GEMMs (what makes VNNI packing pay).
 bool has_amx(at::ScalarType dtype);
 
-// VNNI-packed operands for this engine, dtype and hidden size: brgemm-vnni on AMX with an even D.
+// VNNI-packed operands for this engine, dtype and hidden size: brgemm-vnni or amx, on AMX, with an even D.
 template <typename T>
 bool use_vnni(Engine e, int64_t d);
+
+// Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ too (per token chunk), given that
+// its logits GEMM takes VNNI operands: brgemm-vnni only. The amx engine runs them as whole-group GEMMs on
+// plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
+// (benchmarks/tile_gemm_bench.py).
+bool vnni_gradients(Engine e);
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,

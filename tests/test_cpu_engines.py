@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_
 if HAS_CPU_EXT:
     from grpo_kernels.backends import cpu, cpu_engines
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm", "amx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
 
@@ -43,6 +43,27 @@ def test_linear_logprobs_on_engine(engine, dtype, dim, seed, monkeypatch):
     force(monkeypatch, engine, DTYPES[dtype])
     assert cpu.gemm_path(DTYPES[dtype], dim).startswith(engine + "/")
     check_case("cpu", Case((3, 70), 1031, dim, DTYPES[dtype], ignore="some", **ALL))
+
+
+@pytest.mark.parametrize("dim", [326, 896], ids=["D326", "D896"])
+def test_amx_kernel_k_slices_and_ragged_edges(dim, seed, monkeypatch):
+    """The AMX kernel at a D with several K slices and a K tail (326 = 256 + 64 + 6), or the benchmarks'
+    D, with vocab and token counts off multiples of 32 (its ragged edges run on ATen's brgemm)."""
+    from test_linear_logprobs import ALL, Case, check_case
+
+    force(monkeypatch, "amx", torch.bfloat16)
+    assert cpu.gemm_path(torch.bfloat16, dim) == "amx/amx-vnni"
+    check_case("cpu", Case((3, 67), 1000, dim, torch.bfloat16, ignore="some", **ALL))
+
+
+def test_amx_over_super_chunks_with_an_odd_last_one(seed, monkeypatch):
+    """The amx engine over several super-chunks (dW accumulated across them), the last one odd
+    (601 = 256 + 256 + 89 tokens: its VNNI-packed H^T pairs the last token's features with zeros)."""
+    from test_linear_logprobs import Case, check_case
+
+    force(monkeypatch, "amx", torch.bfloat16)
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))):
+        check_case("cpu", Case((601,), 517, 64, torch.bfloat16, bias=True, entropy=True))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -91,7 +112,9 @@ def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
     engine, why = cpu_engines.selection(dt)
     assert engine in cpu_engines.available_engines(dt) and why
     assert cpu.gemm_path(dt, 896).startswith(engine + "/")
-    if dt != torch.float32 and cpu._ext().has_amx(dt):
+    if dt == torch.bfloat16 and cpu_engines.unavailable("amx", dt) is None:
+        assert (engine, cpu.gemm_path(dt, 896)) == ("amx", "amx/amx-vnni")
+    elif dt != torch.float32 and cpu._ext().has_amx(dt):
         assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/plain")
         assert cpu_engines.gemm_path(dt, 896, "brgemm-vnni") == "brgemm-vnni/amx-vnni"
 
@@ -130,3 +153,11 @@ def test_probe_measures_every_runnable_engine(dtype):
     rates = cpu_engines.probe(dt)
     assert set(rates) == set(cpu_engines.available_engines(dt)) and "brgemm" in rates
     assert all(r > 0 for r in rates.values())
+
+
+def test_amx_engine_names_why_it_cannot_run():
+    """The AMX kernel runs bf16 tiles only, and only where the CPU and Linux give it AMX tiles."""
+    for dt in (torch.float32, torch.float16):
+        assert "bf16 tiles only" in cpu_engines.unavailable("amx", dt)
+    why = cpu_engines.unavailable("amx", torch.bfloat16)
+    assert why is None or "AMX" in why

@@ -1,6 +1,6 @@
 """Which tile-GEMM engine the C++ CPU kernels run, per input dtype.
 
-The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engines:
+The kernels' GEMMs go through one interface (csrc/tile_engine.h) with five engines:
 
 - ``brgemm``: ATen's ``cpublas::brgemm`` on plain row-major operands; for 16-bit inputs ATen then runs
   its full 16-bit x 16-bit -> fp32 GEMM (its own packing and blocking). Runs every dtype.
@@ -10,6 +10,9 @@ The kernels' GEMMs go through one interface (csrc/tile_engine.h) with three engi
   ``sgemm``, found at run time in the libtorch_cpu the torch wheel ships (no extra dependency; a torch
   without them reports the engine unavailable).
 - ``atmm``: ``at::mm`` on strided views (fp32 only).
+- ``amx``: our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand
+  layout (B VNNI-packed once by the schedules, read in place by the tile loads); ragged edges and
+  plain-operand calls go to ATen's brgemm. Needs a CPU with AMX-BF16 and Linux's permission.
 
 Every engine writes fp32 logits tiles, so the choice changes speed, never the accuracy class.
 
@@ -18,7 +21,8 @@ Selection, per dtype, cached per process (``engine_for``):
 1. the user's choice: ``GRPO_KERNELS_CPU_ENGINE=<engine>`` for every dtype, or per dtype
    ``GRPO_KERNELS_CPU_ENGINE="bf16=mkl,fp32=atmm"`` (keys ``bf16``, ``fp16``, ``fp32``); an engine that
    cannot run that dtype here raises, naming why;
-2. capability where it decides: 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
+2. capability where it decides: bf16 tiles on AMX run ``amx`` when it can run (see the benchmark
+   record docs/bench/2026-12-02-intel-amx/amx_engine); else 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
    Intel Xeon with AMX, 1 thread, bf16, ATen's brgemm at the kernels' shapes such as 256 x 256 x 896 and
    896 x 256 x 1024: plain 600-1,000 GFLOP/s, VNNI-packed micro-kernel 250-550, MKL 710-860; the
    two-pass backward at N = 4096 took 2.7 s plain against 3.8-5.1 s VNNI-packed); fp32 runs ``mkl``
@@ -26,7 +30,7 @@ Selection, per dtype, cached per process (``engine_for``):
 3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
    tile on every thread for each runnable engine (tens of milliseconds), the fastest wins.
 
-``gemm_path(dtype, d)`` names what ran, e.g. ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
+``gemm_path(dtype, d)`` names what ran, e.g. ``"amx/amx-vnni"``, ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 from . import cpu_extension
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm", "amx")
 ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
 _DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
@@ -106,6 +110,8 @@ def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
             return "mkl", "fp32: MKL sgemm"
         return "atmm", "fp32: at::mm"
     if ext.has_amx(dtype):
+        if unavailable("amx", dtype) is None:
+            return "amx", "AMX: our AMX kernel on VNNI-packed operands (measured faster than ATen's brgemm and MKL)"
         return "brgemm", "AMX: ATen brgemm on plain operands (measured faster than VNNI-packed)"
     rates = probe(dtype)
     best = max(rates, key=rates.get)
