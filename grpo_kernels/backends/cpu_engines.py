@@ -20,7 +20,8 @@ Selection, per dtype, cached per process (``engine_for``):
 
 1. the user's choice: ``GRPO_KERNELS_CPU_ENGINE=<engine>`` for every dtype, or per dtype
    ``GRPO_KERNELS_CPU_ENGINE="bf16=mkl,fp32=atmm"`` (keys ``bf16``, ``fp16``, ``fp32``); an engine that
-   cannot run that dtype here raises, naming why;
+   cannot run that dtype here raises, naming why (``GRPO_KERNELS_CPU_ENGINE=amx`` therefore makes fp32
+   calls raise; ``bf16=amx`` forces it for bf16 alone);
 2. capability where it decides: bf16 tiles on AMX run ``amx`` when it can run (see the benchmark
    record docs/bench/2026-12-02-intel-amx/amx_engine); else 16-bit tiles on AMX run ``brgemm`` on plain operands (measured on an
    Intel Xeon with AMX, 1 thread, bf16, ATen's brgemm at the kernels' shapes such as 256 x 256 x 896 and
