@@ -1,10 +1,14 @@
-"""Tile-GEMM engines at the kernels' shapes, bf16 -> fp32, 1 and 2 threads (builds tile_gemm_bench.cpp).
+"""Tile-GEMM engines at the kernels' shapes, bf16 -> fp32, 1 and 2 threads (``grpo_kernels._C.tile_gemm_gflops``).
 
     flock /tmp/gk-heavy.lock python benchmarks/tile_gemm_bench.py [--reps R] [--out FILE.json]
 
 Engines: ATen brgemm on plain operands (the AMX default), brgemm on VNNI operands (oneDNN's JIT
-micro-kernel through ATen), MKL cblas_gemm_bf16bf16f32, and our AMX kernel (csrc/amx_gemm.h). Shapes
-(M x N x K, lda, ldb) are the tile GEMMs of csrc/forward.cpp, backward.cpp and one_pass.cpp at D = 896.
+micro-kernel through ATen), MKL cblas_gemm_bf16bf16f32, and our AMX kernel (csrc/amx_gemm.h), each
+through the kernels' own ``tile_gemm`` (csrc/tile_engine.h), B in the layout the kernels hand that engine
+(VNNI pairs for brgemm-vnni and amx on AMX), A streaming through 16 blocks. Shapes (M x N x K, lda, ldb)
+are the tile GEMMs of csrc/forward.cpp, backward.cpp and one_pass.cpp at D = 896. Engines this machine
+cannot run are left out (``cpu_engines.available_engines``); correctness of every engine is
+tests/test_cpu_engines.py's job.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
-from torch.utils.cpp_extension import load
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+from grpo_kernels.backends import cpu_engines, cpu_extension  # noqa: E402
+
 D = 896
 # name, M, N, K, lda, ldb, add
 SHAPES = [
@@ -40,19 +46,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ext = load(
-        name="tile_gemm_bench",
-        sources=[os.path.join(ROOT, "benchmarks", "tile_gemm_bench.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "csrc")],
-        # -fopenmp: at::parallel_for is inline OpenMP; without it the "2 threads" would run one after the other
-        extra_cflags=["-O3", "-march=native", "-std=c++17", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=os.environ.get("TILE_BENCH_BUILD") or None,
-        verbose=False,
-    )
-    for eng in ENGINES:
-        errs = [ext.rel_err(eng, 64 + 16, 96 + 8, 320 + 6, 400, 128, add) for add in (False, True)]
-        print(f"check {eng}: rel err (ragged 80x104x326) {max(errs):.2e}")
+    ext = cpu_extension()
+    if ext is None:
+        sys.exit("tile_gemm_bench: needs the C++ extension grpo_kernels._C (pip install -e . builds it)")
+    engines = [e for e in ENGINES if e in cpu_engines.available_engines(torch.bfloat16)]
     rows = []
     # the floor's GEMM for reference: torch's bf16 matmul on a whole [4096 x D] x [D x V/4] (bf16 out)
     h = torch.randn(4096, D).to(torch.bfloat16)
@@ -70,14 +67,15 @@ def main() -> None:
         print(f"torch.mm [4096 x {D}] x [{D} x {w.shape[0]}] bf16, {nt} thread(s): {rate:.0f} GFLOP/s ({rate / nt:.0f} per thread)")
         rows.append({"shape": "torch.mm whole op", "threads": nt, "gflops_per_thread": {"torch.mm": rate / nt}})
     del h, w, out
-    print(f"{'shape':34s} thr " + " ".join(f"{e:>12s}" for e in ENGINES) + "   amx/best-other")
+    print(f"{'shape':34s} thr " + " ".join(f"{e:>12s}" for e in engines) + "   amx/best-other")
     for nt in args.threads:
         torch.set_num_threads(nt)
         for name, m, n, k, lda, ldb, add in SHAPES:
             reps = max(1, int(args.reps * (256 * 256 * D) / (m * n * k)))
-            r = {e: ext.gflops(e, m, n, k, lda, ldb, add, reps) / nt for e in ENGINES}
+            r = {e: ext.tile_gemm_gflops(e, torch.bfloat16, m, n, k, lda, ldb, add, reps) / nt for e in engines}
             other = max(v for e, v in r.items() if e != "amx")
-            print(f"{name:34s} {nt:3d} " + " ".join(f"{r[e]:12.0f}" for e in ENGINES) + f"   {r['amx'] / other:.2f}x")
+            ratio = f"   {r['amx'] / other:.2f}x" if "amx" in r else ""
+            print(f"{name:34s} {nt:3d} " + " ".join(f"{r[e]:12.0f}" for e in engines) + ratio)
             rows.append({"shape": name, "threads": nt, "gflops_per_thread": r})
     if args.out:
         with open(args.out, "w") as f:

@@ -106,5 +106,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return grpo_kernels::tile_gflops(grpo_kernels::parse_engine(engine), dtype, d, reps);
       },
       "GFLOP/s of an engine on the forward's [256 x 256 x d] tile, all threads at once");
+  m.def(
+      "tile_gemm_gflops",
+      [](const std::string& engine, at::ScalarType dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+         bool add, int64_t reps) {
+        py::gil_scoped_release no_gil;
+        return grpo_kernels::tile_gemm_gflops(grpo_kernels::parse_engine(engine), dtype, m, n, k, lda, ldb, add,
+                                              reps);
+      },
+      "GFLOP/s of an engine on C [m, n] (+)= A [m, k] B [k, n], all threads at once (benchmarks/tile_gemm_bench.py)");
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

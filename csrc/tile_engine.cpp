@@ -180,27 +180,29 @@ void release(Engine e) {
 }
 
 template <typename T>
-static double tile_gflops_impl(Engine e, int64_t d, int64_t reps) {
-  constexpr int64_t kM = 256, kN = 256, kBlocks = 16;  // distinct W blocks, as the kernels stream them
+static double tile_gflops_impl(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, bool add,
+                               int64_t reps) {
+  constexpr int64_t kBlocks = 16;  // distinct A blocks, as the kernels stream the vocab blocks of W
   const at::ScalarType dt = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor w = at::randn({kBlocks * kM, d}).to(dt);
-  const at::Tensor ht = at::randn({d, kN}).to(dt);  // the plain B operand H^T [d, 256]
-  const int64_t nthreads = at::get_num_threads();
-  const bool vnni = use_vnni<T>(e, d);  // the layout the kernels hand this engine (same bytes either way)
+  const at::Tensor a = at::randn({kBlocks * m, lda}).to(dt);
+  // B in the layout the kernels hand this engine: plain [k, ldb], or VNNI pairs (k rounded up to even)
+  const bool vnni = use_vnni<T>(e, k);
+  const at::Tensor b = at::randn({vnni ? (k + 1) / 2 * 2 : k, ldb}).to(dt);
+  const int64_t ldc = n, nthreads = at::get_num_threads();
   double best = 1e30;
   for (int trial = 0; trial < 3; ++trial) {
     const auto t0 = std::chrono::steady_clock::now();
     at::parallel_for(0, nthreads, 1, [&](int64_t a0, int64_t a1) {
-      std::vector<float> c(static_cast<size_t>(kM * kN));
+      std::vector<float> c(static_cast<size_t>(m * ldc), 0.f);
       for (int64_t tid = a0; tid < a1; ++tid)
         for (int64_t r = 0; r < reps; ++r)
-          tile_gemm<T>(e, kM, kN, d, d, kN, kN, false, w.data_ptr<T>() + ((tid + r) % kBlocks) * kM * d,
-                       ht.data_ptr<T>(), c.data(), vnni);
+          tile_gemm<T>(e, m, n, k, lda, ldb, ldc, add, a.data_ptr<T>() + ((tid + r) % kBlocks) * m * lda,
+                       b.data_ptr<T>(), c.data(), vnni);
       release(e);
     });
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  return 2.0 * kM * kN * d * reps * nthreads / best * 1e-9;
+  return 2.0 * m * n * k * reps * nthreads / best * 1e-9;
 }
 
 std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
@@ -211,13 +213,22 @@ std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
   return std::string(engine_name(engine)) + (vnni ? "/amx-vnni" : "/plain");
 }
 
-double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
+double tile_gemm_gflops(Engine e, at::ScalarType dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                        bool add, int64_t reps) {
   check_engine(e, dtype);
+  TORCH_CHECK(m > 0 && n > 0 && k > 0 && lda >= k && ldb >= n && reps > 0,
+              "tile_gemm_gflops: m, n, k, reps > 0, lda >= k and ldb >= n; got m=", m, " n=", n, " k=", k, " lda=", lda,
+              " ldb=", ldb, " reps=", reps);
   switch (dtype) {
-    case at::kFloat: return tile_gflops_impl<float>(e, d, reps);
-    case at::kBFloat16: return tile_gflops_impl<at::BFloat16>(e, d, reps);
-    default: return tile_gflops_impl<at::Half>(e, d, reps);
+    case at::kFloat: return tile_gflops_impl<float>(e, m, n, k, lda, ldb, add, reps);
+    case at::kBFloat16: return tile_gflops_impl<at::BFloat16>(e, m, n, k, lda, ldb, add, reps);
+    default: return tile_gflops_impl<at::Half>(e, m, n, k, lda, ldb, add, reps);
   }
+}
+
+double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
+  // the forward's logits tile: W block [256, d] times H^T [d, 256]
+  return tile_gemm_gflops(e, dtype, 256, 256, d, d, 256, false, reps);
 }
 
 #define GRPO_INSTANTIATE(T)                                                                                       \

@@ -62,4 +62,10 @@ void release(Engine e);
 // of 3): the measured probe that picks an engine where capability alone does not.
 double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps);
 
+// GFLOP/s of C [m, n] (+)= A [m, k] B [k, n] through tile_gemm on every thread at once (each thread its own
+// C, A streaming through 16 blocks, B in the layout the kernels hand the engine), best of 3: the probe
+// above at any of the kernels' tile shapes (benchmarks/tile_gemm_bench.py).
+double tile_gemm_gflops(Engine e, at::ScalarType dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                        bool add, int64_t reps);
+
 }  // namespace grpo_kernels
