@@ -29,11 +29,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
   const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
 
-  // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
-  const int64_t per_token = nthreads * (D * 4 + kGroup * kVocabBlock * int64_t(sizeof(T)));
-  const int64_t S = super_chunk_tokens(N, opt, per_token, kBackwardBudgetBytes,
-                                      std::is_same_v<T, float> ? kFloatBackwardTokens
-                                                               : std::numeric_limits<int64_t>::max());
+  const int64_t S = backward_tokens(N, V, D, h.scalar_type(), need_dw, opt, nthreads);
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
   const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
@@ -177,6 +173,17 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
 }  // namespace detail
 
 using namespace detail;
+
+int64_t backward_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype, bool need_dw,
+                        const LogprobsOptions& opt, int64_t nthreads) {
+  const bool fp32 = dtype == at::kFloat;
+  // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
+  const int64_t per_token = nthreads * (d * 4 + kGroup * kVocabBlock * (fp32 ? 4 : 2));
+  // a 16-bit dW split across super-chunks keeps an int8 residual [V, D] (dw_lo)
+  const int64_t residual = need_dw && !fp32 ? v * d : 0;
+  return backward_super_chunk_tokens(n, opt, per_token, residual,
+                                     fp32 ? kFloatBackwardTokens : std::numeric_limits<int64_t>::max());
+}
 
 void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
               const at::Tensor& lse, const c10::optional<at::Tensor>& entropy, const at::Tensor& g_logp,

@@ -85,6 +85,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = scale * (out + its int8 residual lo) in place, rounded once (fp32 or no lo: out *= scale; scale 1: unchanged)",
         py::arg("out"), py::arg("lo"), py::arg("scale"));
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
+  m.def(
+      "backward_tokens",
+      [](int64_t n, int64_t v, int64_t d, at::ScalarType dtype, bool need_dw) {
+        grpo_kernels::LogprobsOptions opt;
+        return grpo_kernels::backward_tokens(n, v, d, dtype, need_dw, opt, at::get_num_threads());
+      },
+      "tokens per super-chunk of the two-pass backward (its default sizing)");
   m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
   m.def(
       "gemm_path",

@@ -31,6 +31,11 @@ constexpr int64_t kPairLd = kVocabBlock + 16;   // VNNI dZ pair rows and fp32 dW
 // extra memory does not grow with N (dW then accumulates across super-chunks).
 constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;
 constexpr int64_t kBackwardBudgetBytes = int64_t(96) << 20;
+// When a 16-bit backward must split N into several super-chunks, its dW carries an int8 residual [V, D]
+// across them (136 MB at the Qwen head): the residual and the super-chunk buffers together stay below
+// this, so the extra memory stays flat in N past the split (the super-chunks shrink instead; each extra
+// one costs a re-read of W and a read-modify-write of dW, ~1 % of a 16k-token backward).
+constexpr int64_t kSplitBackwardBudgetBytes = int64_t(200) << 20;
 // fp32 backward super-chunks are capped: since the fp32 tiles run on at::mm, 1024 and 4096 tokens took
 // 26.4 s and 25.4 s (AMD Zen 3, D=896, N=4096, within noise) and the cap keeps the per-token buffers at
 // a quarter. The 16-bit paths measured fastest with one super-chunk (bf16: 35.3 s vs 41.4 s at 1024).
@@ -94,6 +99,18 @@ inline int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t
                              : std::max<int64_t>(1, std::min(budget / (bytes_per_token * kTokenChunk),
                                                              max_tokens / kTokenChunk));
   return std::min(n, chunks * kTokenChunk);
+}
+
+// Tokens per super-chunk of the two-pass backward: one super-chunk when N fits kBackwardBudgetBytes;
+// else, for a 16-bit dW (residual_bytes > 0), as many as the split budget leaves beside the residual,
+// balanced so the last super-chunk is not a sliver.
+inline int64_t backward_super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_per_token,
+                                           int64_t residual_bytes, int64_t max_tokens) {
+  const int64_t s = super_chunk_tokens(n, opt, bytes_per_token, kBackwardBudgetBytes, max_tokens);
+  if (opt.super_chunk > 0 || s >= n || residual_bytes == 0) return s;
+  const int64_t budget = std::max(kSplitBackwardBudgetBytes - residual_bytes, bytes_per_token * kTokenChunk);
+  const int64_t cap = super_chunk_tokens(n, opt, bytes_per_token, budget, std::min(s, max_tokens));
+  return std::min(n, ceil_div(ceil_div(n, ceil_div(n, cap)), kTokenChunk) * kTokenChunk);
 }
 
 // Vocab blocks split evenly across threads; each thread owns a contiguous range.

@@ -62,6 +62,9 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
 // Tokens per one-pass chunk for n tokens and a [V, D] weight of a dtype: the kept logits, plus the dw
 // residual when a 16-bit dw spans several chunks, stay within a fixed budget (224 MiB).
 int64_t fused_chunk_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype);
+// Tokens per super-chunk of the two-pass backward for n tokens on nthreads threads (N itself when one fits).
+int64_t backward_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype, bool need_dw,
+                        const LogprobsOptions& opt, int64_t nthreads);
 // Bytes of the workspace chunk_forward keeps for chunk_backward, for a chunk of n tokens.
 int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype);
 

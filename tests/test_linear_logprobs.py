@@ -399,3 +399,33 @@ def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed):
     _, dw_split, _ = split.backward(h, w, None, t, lse, None, g, None, params, (False, True, False))
     ulp = torch.finfo(dtype).eps * dw_once.float().abs().max()
     assert (dw_split.float() - dw_once.float()).abs().max() <= ulp
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
+def test_cpu_backward_super_chunks_budget_the_dw_residual(dtype):
+    """The two-pass backward's default sizing at the Qwen head: one super-chunk while N fits its 96 MB
+    budget; past that, a 16-bit dW's int8 residual [V, D] counts against the split budget (200 MB), the
+    super-chunks are balanced, and the workspace stays flat in N (issue 14's N = 16384 case)."""
+    v, d = 151936, 896
+    ext = gk.backends.cpu_extension()
+    threads = ext.num_threads()
+    # the backward's buffers per token of a super-chunk: per thread an fp32 dH^T column and 4 x 256 dZ values
+    per_token = threads * (4 * d + 1024 * dtype.itemsize)
+    sizes = {n: ext.backward_tokens(n, v, d, dtype, True) for n in (1024, 4096, 8192, 16384, 65536)}
+    for n, s in sizes.items():
+        assert s % 256 == 0 or s == n, (n, s)
+        assert s <= n
+    if dtype == torch.float32:  # fp32 super-chunks are capped at 1024 tokens, and an fp32 dW has no residual
+        assert all(s == min(n, 1024) for n, s in sizes.items()), sizes
+    else:
+        assert sizes[1024] == 1024 and sizes[4096] == 4096 and sizes[8192] == 8192
+        for n in (16384, 65536):
+            s = sizes[n]
+            assert -(-n // s) >= 2
+            assert s * per_token + v * d <= 200 << 20, (n, s)
+            last = n - (-(-n // s) - 1) * s
+            assert last > s // 2, (n, s, last)  # balanced: no sliver of a last super-chunk
+    # without dW there is no residual to budget: the 96 MB budget's larger super-chunks
+    no_dw = ext.backward_tokens(16384, v, d, dtype, False)
+    assert no_dw == sizes[16384] if dtype == torch.float32 else no_dw > sizes[16384]
