@@ -4,6 +4,7 @@
 #include "backward_loop.h"
 #include "common.h"
 #include "dw_accumulator.h"
+#include "packing.h"
 #include "tiles.h"
 
 namespace grpo_kernels {
@@ -45,13 +46,21 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
   const GradInputs gin{lse, gl_t.data_ptr<float>(), ge, ge ? mean_z.data() : nullptr};
   std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
+  // On the amx engine the gradient GEMMs take VNNI operands too: H_chunk in token pairs (packed once here,
+  // the B operand of every block's dW GEMM) and, per group, W_group in vocab-row pairs (the dH GEMM's B).
+  // Plain-operand calls would run ATen's brgemm, which packs B itself per call, slower at these shapes.
+  const bool vnni = vnni_chunk_gradients<T>(eng, D);
+  const int64_t kn = vnni ? round_up2(N) : N;  // K of the dW GEMM (an odd N pairs its last token with zero)
+  std::vector<T> h_pairs(vnni && need_dw ? static_cast<size_t>(kn * D) : 0);
+  if (!h_pairs.empty()) Packer<T>::interleave_rows(hp, N, D, D, D, h_pairs.data());
 
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
     // dZ^T [vb, N] of a block in fp32 (the A operand of the fp32 dW GEMM) and 16-bit, and dZ [N, gv] of a
     // group of blocks (the A operand of the dH GEMM)
     std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
-    std::vector<T> dzt(std::is_same_v<T, float> || !need_dw ? 0 : static_cast<size_t>(kVocabBlock * kLd));
+    std::vector<T> dzt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kLd));
     std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
+    std::vector<T> w_pairs(vnni && need_dh ? static_cast<size_t>((kGroup * kVocabBlock + 1) * D) : 0);
     std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
     std::vector<float> db_rows;
     for (int64_t tid = t0; tid < t1; ++tid) {
@@ -69,25 +78,35 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
                 at::vec::convert(e + r * kl.ld, z + r * kLd, N);
             }
             grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin, b.db_rows);
-            if (need_dw) {
-              const T* a = reinterpret_cast<const T*>(z);
-              if constexpr (!std::is_same_v<T, float>) {
-                at::vec::convert(z, dzt.data(), vb * kLd);
-                a = dzt.data();
+            // dZ^T [vb, N] in the GEMM dtype: fp32 tiles are the tile itself
+            const T* a = reinterpret_cast<const T*>(z);
+            if constexpr (!std::is_same_v<T, float>) {
+              for (int64_t r = 0; r < vb; ++r) {
+                at::vec::convert(z + r * kLd, dzt.data() + r * kLd, N);
+                if (kn > N) dzt[r * kLd + N] = T(0.f);  // the VNNI K padding: zero, not a stale value
               }
-              tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
+              a = dzt.data();
+            }
+            if (need_dw) {
+              if (vnni)
+                tile_gemm<T>(eng, vb, D, kn, kLd, D, D, false, a, h_pairs.data(), dw_tile.data(), true);
+              else
+                tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
               flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
             }
-            if (need_dh) {
-              T* out = dz.data() + b.in_group * kVocabBlock;
-              constexpr int64_t kB = 16;
-              for (int64_t r0 = 0; r0 < vb; r0 += kB)
-                for (int64_t n = 0; n < N; ++n)
-                  for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[n * ldg + r] = T(z[r * kLd + n]);
-            }
+            if (need_dh) transpose_into(a, vb, N, kLd, dz.data() + b.in_group * kVocabBlock, ldg);
           },
           [&](const VocabGroup& g) {
-            if (need_dh) tile_gemm<T>(eng, N, D, g.rows, ldg, D, D, true, dz.data(), wp + g.v0 * D, my_dh, false);
+            if (!need_dh) return;
+            if (vnni) {
+              const int64_t kv = round_up2(g.rows);
+              if (kv > g.rows)  // the VNNI K padding of an odd last group
+                for (int64_t n = 0; n < N; ++n) dz[n * ldg + g.rows] = T(0.f);
+              Packer<T>::interleave_rows(wp + g.v0 * D, g.rows, D, D, D, w_pairs.data());
+              tile_gemm<T>(eng, N, D, kv, ldg, D, D, true, dz.data(), w_pairs.data(), my_dh, true);
+            } else {
+              tile_gemm<T>(eng, N, D, g.rows, ldg, D, D, true, dz.data(), wp + g.v0 * D, my_dh, false);
+            }
           });
     }
     release(eng);

@@ -72,4 +72,17 @@ struct Packer {
   }
 };
 
+// dst [cols, rows] (leading dim ld_dst) = src [rows, cols]^T (leading dim ld_src), 16 x 16 blocks at a time
+// (ATen's AVX-512 transposes for 16-bit types and fp32; element by element at the edges).
+template <typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  constexpr int64_t kB = 16;
+  const int64_t r16 = rows / kB * kB, c16 = cols / kB * kB;
+  for (int64_t r0 = 0; r0 < r16; r0 += kB)
+    for (int64_t c0 = 0; c0 < c16; c0 += kB)
+      at::vec::transpose_mxn<T, kB, kB>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = (r < r16 ? c16 : 0); c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
 }  // namespace grpo_kernels::detail

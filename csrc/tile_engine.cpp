@@ -145,6 +145,11 @@ bool use_vnni(Engine e, int64_t d) {
 bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni; }
 
 template <typename T>
+bool vnni_chunk_gradients(Engine e, int64_t d) {
+  return e == Engine::kAmx && use_vnni<T>(e, d);
+}
+
+template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni) {
   TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx);
@@ -233,6 +238,7 @@ double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
 
 #define GRPO_INSTANTIATE(T)                                                                                       \
   template bool use_vnni<T>(Engine, int64_t);                                                                     \
+  template bool vnni_chunk_gradients<T>(Engine, int64_t);                                                         \
   template void tile_gemm<T>(Engine, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const T*, const T*, \
                              float*, bool);
 GRPO_INSTANTIATE(float)

@@ -18,7 +18,7 @@
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
-//           calls (the one-pass chunk, odd D) go to ATen's brgemm.
+//           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,11 +42,19 @@ bool has_amx(at::ScalarType dtype);
 template <typename T>
 bool use_vnni(Engine e, int64_t d);
 
-// Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ too (per token chunk), given that
+// Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ per token chunk too, given that
 // its logits GEMM takes VNNI operands: brgemm-vnni only. The amx engine runs them as whole-group GEMMs on
 // plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
-// (benchmarks/tile_gemm_bench.py).
+// (benchmarks/tile_gemm_bench.py). In place, too: per-chunk dH^T on amx (2,030 GFLOP/s in the probe against
+// 1,330 whole-group plain) made the backward's dH part slower end to end (Intel Xeon with AMX, 2026-12-02:
+// 1.87-2.31 s against 1.42-1.74 s at N = 4096), as W_group^T is re-read per chunk.
 bool vnni_gradients(Engine e);
+
+// Whether the one-pass chunk's dW and dH GEMMs take VNNI operands (H_chunk in token pairs, W_group in
+// vocab-row pairs, packed by the schedule): the amx engine with an even D. Plain-operand calls would go to
+// ATen's brgemm, which packs its B operand per call.
+template <typename T>
+bool vnni_chunk_gradients(Engine e, int64_t d);
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,

@@ -97,6 +97,22 @@ def test_fused_loss_on_engine(engine, dtype, dim, schedule, seed, monkeypatch):
     check(out, grads, oracle64(*args), same_dtype(*args))
 
 
+@pytest.mark.parametrize("dim", [64, 326], ids=["D64", "D326"])
+def test_amx_one_pass_vnni_gradients_with_odd_chunk_and_vocab(dim, seed, monkeypatch):
+    """The one pass on amx takes VNNI operands in its gradient GEMMs too (H_chunk in token pairs, W_group
+    in vocab-row pairs): an odd last chunk (123 = 48 + 48 + 27 tokens) pairs its last token with zero, an
+    odd vocabulary (611) its last W row; D = 326 adds K slices and a K tail to the dW GEMM's N side."""
+    from test_fused_loss import check, make_problem, oracle64, run_loss, same_dtype
+
+    force(monkeypatch, "amx", torch.bfloat16)
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.05)
+    hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=3, T=41, D=dim, V=611, dtype=torch.bfloat16, bias=True)
+    with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(fused_chunk_tokens=48, schedule="one-pass"))):
+        out, grads = run_loss(gk.fused_linear_grpo_loss, hidden, weight, b, ids, mask, adv, cfg, old, ref, backend="cpu")
+    args = (hidden, weight, b, ids, mask, adv, cfg, old, ref)
+    check(out, grads, oracle64(*args), same_dtype(*args))
+
+
 def test_default_schedule_two_passes_only_for_16bit_on_amx():
     """One pass everywhere but for 16-bit tiles on AMX at an even D, where two passes measured faster."""
     for dt in DTYPES.values():

@@ -15,9 +15,10 @@ GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` 
 - the shared two-pass schedule of ``grpo_kernels.backends``, four GEMMs per token, for 16-bit inputs on
   AMX (even D). Measured on an Intel Xeon with AMX, 2 vCPU, bf16, 8 x 512 tokens: one pass 2.57x its
   three-GEMM floor against two passes' 2.16-2.40x (both before the two-pass backward's GEMMs moved to
-  whole-group calls on plain operands), as at AMX GEMM speed the one pass's per-chunk costs (all of W
-  streamed and all of dW, with its residual, re-read and re-written once per 256 tokens) outweigh the
-  saved GEMM.
+  whole-group calls on plain operands), and again on the `amx` engine (2026-12-02, in-process A/B):
+  one pass 1.99-2.11x (with VNNI gradient GEMMs and a 16-lane dW flush; 2.22-2.32x before) against two
+  passes' 1.37-1.47x, as at AMX GEMM speed the one pass's per-chunk costs (all of W streamed and all
+  of dW, with its residual, re-read and re-written once per 256 tokens) outweigh the saved GEMM.
 """
 
 from __future__ import annotations
