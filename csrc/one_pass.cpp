@@ -14,9 +14,10 @@ namespace detail {
 // forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
 // (fp32 tile, flushed into dW at once) and, per group of blocks, dH_chunk += dZ W_group. With the
 // forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
-// residual) is re-read and re-written once per chunk. Its GEMMs take row-major operands (no VNNI
-// packing), which every engine runs at speed: on AMX, ATen's brgemm on unpacked operands measured
-// 820-990 GFLOP/s per thread at these shapes, as fast as on packed ones.
+// residual) is re-read and re-written once per chunk. Its GEMMs take row-major operands, except on the
+// amx engine (vnni_chunk_gradients), where H_chunk and W_group are packed into VNNI pairs so that the
+// GEMMs run our AMX kernel: the dH part of a 1024-token bf16 backward took 0.25 s with the packing
+// against 0.30 s on ATen's plain brgemm (Intel Xeon with AMX, 2 threads).
 template <typename T>
 void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                          const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,
