@@ -8,3 +8,5 @@ python benchmarks/run.py --ops grpo_fwd_bwd --dtypes bf16 --sizes 8x512 --provid
 python benchmarks/run.py --ops logprobs_fwd logprobs_fwd_bwd --dtypes bf16 --sizes 1024 4096 16384 --providers ours --repeats 2 --out $D/logprobs_bf16.json > $D/logprobs_bf16.log 2>&1
 python benchmarks/run.py --ops grpo_fwd_bwd --dtypes fp32 --sizes 8x512 --providers ours materialize cce liger trl-chunked --repeats 1 --out $D/grpo_fp32.json > $D/grpo_fp32.log 2>&1
 python benchmarks/run.py --ops logprobs_fwd logprobs_fwd_bwd --dtypes fp32 --sizes 1024 4096 --providers ours --repeats 1 --out $D/logprobs_fp32.json > $D/logprobs_fp32.log 2>&1
+# added after the hold, on the same kernels (branch onepass-amx 7cc6e15): the memory at twice the largest N
+# python benchmarks/run.py --ops logprobs_fwd_bwd --dtypes bf16 --sizes 32768 --providers ours --repeats 1 --out $D/logprobs_fwd_bwd_bf16_32768.json
