@@ -112,6 +112,33 @@ def test_two_processes_match_one(reference, tmp_path, mode):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "metrics.png"]
 
 
+# A torchrun child: the main job's own entry point, with an exit handler that says whether the rank
+# went through interpreter finalization (where FSDP2's still-alive gloo threads can abort it).
+FINALIZING_CHILD = textwrap.dedent("""
+    import atexit, sys
+    atexit.register(lambda: print("RANK REACHED INTERPRETER FINALIZATION", flush=True))
+    from grpo_kernels.__main__ import run
+    run(["train", *sys.argv[1:]])
+""")
+
+
+def test_fsdp_ranks_exit_without_interpreter_finalization(tmp_path):
+    """Under torchrun the main job's ranks leave with their status and their output complete, but never enter
+    interpreter finalization: after FSDP2 training torch keeps the gloo process group alive past
+    destroy_process_group, and its threads can abort a finalizing rank (SIGABRT, the finished job reported failed)."""
+    out = tmp_path / "run"
+    script = tmp_path / "child.py"
+    script.write_text(FINALIZING_CHILD)
+    res = torchrun(*RUN, "--steps", "2", "--out", str(out), "--fsdp", script=str(script))
+    assert "RANK REACHED INTERPRETER FINALIZATION" not in res.stdout + res.stderr
+    assert "checkpoint:" in res.stdout and [r["step"] for r in records(out)] == [0, 1, 2]  # flushed before leaving
+    assert latest_checkpoint(out).name == "step_00000002"
+    # A bad flag still exits non-zero through the same path (argparse's SystemExit).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--no-such-flag"]
+    bad = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "--no-such-flag" in bad.stderr
+
+
 # A torchrun child that freezes rank 0 inside the checkpoint write of step KILL_AT (after every rank's
 # DCP files, before state.json and the rename), so the test kills the job there for certain.
 KILLED_CHILD = textwrap.dedent("""
