@@ -71,7 +71,9 @@ class TorchBackend(TwoPassBackend):
     def _head(w: Tensor, b: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """The LM head in the accumulation dtype, converted once per call."""
         acc = _acc_dtype(w)
-        return w.to(acc), None if b is None else b.to(acc)
+        # Contiguous, as in _backward_chunks: a transposed view sends torch's GEMM down another
+        # layout whose rounding differs (MKL on AMD Zen 3), and a view must give the same bits.
+        return w.to(acc).contiguous(), None if b is None else b.to(acc)
 
     @staticmethod
     def _logits(h: Tensor, head: tuple[Tensor, Optional[Tensor]], p: LogprobsParams) -> Tensor:
@@ -100,6 +102,7 @@ class TorchBackend(TwoPassBackend):
     def _backward_chunks(self, h, w, b, needs: Needs, chunk_grad) -> Grads:
         """dh [n, D] in h's dtype; dw [V, D] and db [V] in the accumulation dtype (fp32 / fp64)."""
         n, (v, d) = h.shape[0], w.shape
+        w = w.contiguous()  # a no-op for the usual weight; see _head
         acc = _acc_dtype(h)
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
         dw = torch.zeros(v, d, dtype=acc, device=h.device) if needs[1] else None
