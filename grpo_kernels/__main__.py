@@ -25,21 +25,13 @@ def run(argv: Optional[Sequence[str]] = None) -> NoReturn:
     closed by the time :func:`main` returns, so a rank that torchrun started flushes its streams and
     leaves with ``os._exit``: no finalization, no threads to race with.
     """
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse and the CLI's own errors: a message, then the status
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else _print_error(exc.code))
+    code = main(argv)  # argparse's and the CLI's errors raise SystemExit: they leave the usual way
     if not parallel.in_torchrun():
         sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
-
-
-def _print_error(message: object) -> int:
-    print(message, file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

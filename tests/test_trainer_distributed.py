@@ -133,7 +133,7 @@ def test_fsdp_ranks_exit_without_interpreter_finalization(tmp_path):
     assert "RANK REACHED INTERPRETER FINALIZATION" not in res.stdout + res.stderr
     assert "checkpoint:" in res.stdout and [r["step"] for r in records(out)] == [0, 1, 2]  # flushed before leaving
     assert latest_checkpoint(out).name == "step_00000002"
-    # A bad flag still exits non-zero through the same path (argparse's SystemExit).
+    # A bad flag still exits non-zero with argparse's message (its SystemExit leaves the usual way).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--no-such-flag"]
     bad = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert bad.returncode != 0 and "--no-such-flag" in bad.stderr
