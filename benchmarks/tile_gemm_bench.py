@@ -37,7 +37,7 @@ SHAPES = [
     ("1-pass dW 256xDx256", 256, D, 256, 272, D, False),
     ("1-pass dH 256xDx1024", 256, D, 1024, 1056, D, True),
 ]
-ENGINES = ["brgemm", "brgemm-vnni", "mkl", "amx"]
+ENGINES = ["brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "amx"]
 
 
 def main() -> None:

@@ -1,9 +1,12 @@
 // Tile-GEMM engines (see tile_engine.h).
+#include "kernel_isa.h"  // before ATen: at::vec's conversions for this ISA (mkl-upcast)
+
 #include "tile_engine.h"
 
 #include "amx_gemm.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 
@@ -75,6 +78,18 @@ void mkl_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
      reinterpret_cast<const uint16_t*>(b), int(ldb), add ? 1.f : 0.f, c, int(ldc));
 }
 
+// 16-bit tiles widened to fp32 (exactly), then sgemm: the scratch is per thread and grows to the largest tile.
+template <typename T>
+void upcast_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
+                 const T* b, float* c) {
+  thread_local std::vector<float> wa, wb;
+  if (wa.size() < static_cast<size_t>(m * k)) wa.resize(static_cast<size_t>(m * k));
+  if (wb.size() < static_cast<size_t>(k * n)) wb.resize(static_cast<size_t>(k * n));
+  for (int64_t r = 0; r < m; ++r) at::vec::convert(a + r * lda, wa.data() + r * k, k);
+  for (int64_t r = 0; r < k; ++r) at::vec::convert(b + r * ldb, wb.data() + r * n, n);
+  mkl_gemm(m, n, k, k, n, ldc, add, wa.data(), wb.data(), c);
+}
+
 }  // namespace
 
 Engine parse_engine(const std::string& name) {
@@ -83,8 +98,10 @@ Engine parse_engine(const std::string& name) {
   if (name == "atmm") return Engine::kAtMm;
   if (name == "brgemm-vnni") return Engine::kBrgemmVnni;
   if (name == "amx") return Engine::kAmx;
-  TORCH_CHECK(false, "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'atmm' or 'amx'; got '", name,
-              "'");
+  if (name == "mkl-upcast") return Engine::kMklUpcast;
+  TORCH_CHECK(false,
+              "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'mkl-upcast', 'atmm' or 'amx'; got '",
+              name, "'");
 }
 
 const char* engine_name(Engine e) {
@@ -94,6 +111,7 @@ const char* engine_name(Engine e) {
     case Engine::kAtMm: return "atmm";
     case Engine::kBrgemmVnni: return "brgemm-vnni";
     case Engine::kAmx: return "amx";
+    case Engine::kMklUpcast: return "mkl-upcast";
   }
   return "?";
 }
@@ -117,6 +135,9 @@ std::string engine_unavailable(Engine e, at::ScalarType dtype) {
                                       : "MKL's cblas_gemm_f16f16f32 is not exported by this torch";
       return "";
     case Engine::kAtMm: return dtype == at::kFloat ? "" : "at::mm has no 16-bit x 16-bit -> fp32 GEMM on CPU";
+    case Engine::kMklUpcast:
+      if (dtype == at::kFloat) return "fp32 tiles need no widening (engine 'mkl' runs them)";
+      return mkl().sgemm ? "" : "MKL's sgemm_ is not exported by this torch";
     case Engine::kAmx:
       if (dtype != at::kBFloat16) return "the AMX kernel runs bf16 tiles only";
       if (!amx::compiled) return "this build of grpo_kernels._C has no AMX kernel (compiler without amx-tile/amx-bf16)";
@@ -175,6 +196,7 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
       at::mm_out(ct, at_, bt);
   } else {
     if (e == Engine::kMkl) return mkl_gemm<T>(m, n, k, lda, ldb, ldc, add, a, b, c);
+    if (e == Engine::kMklUpcast) return upcast_gemm<T>(m, n, k, lda, ldb, ldc, add, a, b, c);
     TORCH_INTERNAL_ASSERT(e == Engine::kBrgemm);
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, b_vnni);
   }

@@ -16,6 +16,11 @@
 // - mkl:    MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (16-bit x 16-bit -> fp32) and sgemm,
 //           resolved at run time from the libtorch_cpu the torch wheel ships (no new dependency).
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
+// - mkl-upcast: 16-bit tiles only: both operands widened to fp32 in per-thread scratch, then MKL's sgemm. The
+//           products of 16-bit values are exact in fp32 and the sums fp32, as in the 16-bit engines, so the
+//           class of accuracy is theirs. For CPUs without 16-bit matrix units (AVX2 only), where MKL's and
+//           ATen's 16-bit GEMMs run below sgemm on the one-pass dH shape (AMD EPYC Zen 3, 2 threads,
+//           256 x 896 x 1024: 73-78 GFLOP/s against sgemm's 116).
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
 //           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.
@@ -28,7 +33,7 @@
 
 namespace grpo_kernels {
 
-enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3, kAmx = 4 };
+enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3, kAmx = 4, kMklUpcast = 5 };
 
 Engine parse_engine(const std::string& name);
 const char* engine_name(Engine e);

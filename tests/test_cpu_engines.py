@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_
 if HAS_CPU_EXT:
     from grpo_kernels.backends import cpu, cpu_engines
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm", "amx")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
 
@@ -133,6 +133,32 @@ def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
     elif dt != torch.float32 and cpu._ext().has_amx(dt):
         assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/plain")
         assert cpu_engines.gemm_path(dt, 896, "brgemm-vnni") == "brgemm-vnni/amx-vnni"
+    elif dt != torch.float32 and cpu_engines.has_16bit_dot(dt) is False:
+        assert (engine, cpu.gemm_path(dt, 896)) == ("mkl-upcast", "mkl-upcast/plain")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dot", [False, True], ids=["no-dot", "dot"])
+def test_16bit_selection_follows_the_dot_product_instructions(dtype, dot, monkeypatch):
+    """Off AMX, a CPU without dot products for the dtype widens its tiles (mkl-upcast); one with them
+    (AVX-512-BF16, AVX512-FP16) has the probe choose. The CPU's features are faked here."""
+    dt = DTYPES[dtype]
+    if cpu._ext().has_amx(dt):
+        pytest.skip("this CPU has AMX tiles for the dtype: capability picks an AMX engine first")
+    monkeypatch.delenv(ENV, raising=False)
+    names = cpu_engines._DOT_FEATURES[dt]
+    real = torch.cpu.get_capabilities()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**real, **{n: dot for n in names}})
+    cpu_engines._chosen.cache_clear()
+    try:
+        assert cpu_engines.has_16bit_dot(dt) is dot
+        engine, why = cpu_engines.selection(dt)
+        if dot:
+            assert why.startswith("probe: ") and "mkl-upcast" in why
+        else:
+            assert engine == "mkl-upcast" and "dot-product" in why
+    finally:
+        cpu_engines._chosen.cache_clear()  # the next test sees this machine's own choice again
 
 
 def test_engine_forced_per_dtype(monkeypatch):
@@ -169,6 +195,10 @@ def test_probe_measures_every_runnable_engine(dtype):
     rates = cpu_engines.probe(dt)
     assert set(rates) == set(cpu_engines.available_engines(dt)) and "brgemm" in rates
     assert all(r > 0 for r in rates.values())
+
+
+def test_upcast_engine_names_why_it_cannot_run_fp32():
+    assert "no widening" in cpu_engines.unavailable("mkl-upcast", torch.float32)
 
 
 def test_amx_engine_names_why_it_cannot_run():

@@ -1,6 +1,6 @@
 """Which tile-GEMM engine the C++ CPU kernels run, per input dtype.
 
-The kernels' GEMMs go through one interface (csrc/tile_engine.h) with five engines:
+The kernels' GEMMs go through one interface (csrc/tile_engine.h) with six engines:
 
 - ``brgemm``: ATen's ``cpublas::brgemm`` on plain row-major operands; for 16-bit inputs ATen then runs
   its full 16-bit x 16-bit -> fp32 GEMM (its own packing and blocking). Runs every dtype.
@@ -9,6 +9,9 @@ The kernels' GEMMs go through one interface (csrc/tile_engine.h) with five engin
 - ``mkl``: MKL's ``cblas_gemm_bf16bf16f32`` / ``cblas_gemm_f16f16f32`` (16-bit x 16-bit -> fp32) and
   ``sgemm``, found at run time in the libtorch_cpu the torch wheel ships (no extra dependency; a torch
   without them reports the engine unavailable).
+- ``mkl-upcast``: 16-bit tiles only: both operands widened to fp32 (exactly) in per-thread scratch, then
+  MKL's ``sgemm``. Products of 16-bit values are exact in fp32 and the sums are fp32, as in the 16-bit
+  engines, so the accuracy class is theirs; it is for CPUs whose 16-bit GEMMs widen to fp32 anyway.
 - ``atmm``: ``at::mm`` on strided views (fp32 only).
 - ``amx``: our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand
   layout (B VNNI-packed once by the schedules, read in place by the tile loads); ragged edges and
@@ -28,8 +31,16 @@ Selection, per dtype, cached per process (``engine_for``):
    896 x 256 x 1024: plain 600-1,000 GFLOP/s, VNNI-packed micro-kernel 250-550, MKL 710-860; the
    two-pass backward at N = 4096 took 2.7 s plain against 3.8-5.1 s VNNI-packed); fp32 runs ``mkl``
    (torch.mm's own sgemm without the tensor wrapping);
-3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
-   tile on every thread for each runnable engine (tens of milliseconds), the fastest wins.
+   16-bit tiles on a CPU with no dot-product instructions for that dtype (bf16: neither AVX-512-BF16 nor
+   AMX-BF16; fp16: neither AVX512-FP16 nor AMX-FP16; e.g. AVX2-only CPUs such as AMD Zen 3) run
+   ``mkl-upcast``: there every 16-bit GEMM widens to fp32 inside, and ours does it once per tile into
+   sgemm. Measured on AMD EPYC Zen 3 (2 threads): the bf16 GRPO loss at 8 x 512 took 1.11x the fp32
+   three-GEMM floor on ``mkl-upcast`` against 1.19x on ``brgemm`` (medians of 3, one process, faster in
+   every round), and the fp16 forward tile ran at 100-126 GFLOP/s against 79-82 (docs/design.md,
+   "Measured CPU facts");
+3. otherwise (16-bit with dot-product instructions but no AMX: AVX-512-BF16 machines such as AMD Zen 4/5)
+   a short measured probe: the forward's tile on every thread for each runnable engine (tens of
+   milliseconds), the fastest wins.
 
 ``gemm_path(dtype, d)`` names what ran, e.g. ``"amx/amx-vnni"``, ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
@@ -44,7 +55,7 @@ import torch
 
 from . import cpu_extension
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "atmm", "amx")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx")
 ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
 _DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
@@ -96,6 +107,23 @@ def _forced(dtype: torch.dtype) -> Optional[str]:
     return choice
 
 
+# The CPU features (torch.cpu.get_capabilities(), i.e. cpuinfo) that give 16-bit GEMMs their own
+# dot products instead of a widening to fp32.
+_DOT_FEATURES = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def has_16bit_dot(dtype: torch.dtype) -> Optional[bool]:
+    """Whether this CPU has dot-product instructions for 16-bit ``dtype`` (None when torch cannot say)."""
+    caps_fn = getattr(torch.cpu, "get_capabilities", None)
+    if caps_fn is None:
+        return None
+    caps = caps_fn()
+    names = _DOT_FEATURES[dtype]
+    if not all(n in caps for n in names):
+        return None
+    return any(bool(caps[n]) for n in names)
+
+
 def probe(dtype: torch.dtype) -> dict[str, float]:
     """GFLOP/s of every runnable engine on the forward's tile (all threads at once), measured now."""
     ext = _ext()
@@ -114,6 +142,8 @@ def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
         if unavailable("amx", dtype) is None:
             return "amx", "AMX: our AMX kernel on VNNI-packed operands (measured faster than ATen's plain brgemm on the logits tiles)"
         return "brgemm", "AMX: ATen brgemm on plain operands (measured faster than VNNI-packed)"
+    if has_16bit_dot(dtype) is False and unavailable("mkl-upcast", dtype) is None:
+        return "mkl-upcast", f"no {dtype} dot-product instructions: tiles widened to fp32 once, MKL sgemm"
     rates = probe(dtype)
     best = max(rates, key=rates.get)
     return best, "probe: " + ", ".join(f"{e} {r:.0f} GFLOP/s" for e, r in rates.items())
