@@ -69,11 +69,9 @@ class TorchBackend(TwoPassBackend):
 
     @staticmethod
     def _head(w: Tensor, b: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        """The LM head in the accumulation dtype, converted once per call."""
+        """The LM head in the accumulation dtype, converted once per call (``w`` made contiguous by the caller)."""
         acc = _acc_dtype(w)
-        # Contiguous, as in _backward_chunks: a transposed view sends torch's GEMM down another
-        # layout whose rounding differs (MKL on AMD Zen 3), and a view must give the same bits.
-        return w.to(acc).contiguous(), None if b is None else b.to(acc)
+        return w.to(acc), None if b is None else b.to(acc)
 
     @staticmethod
     def _logits(h: Tensor, head: tuple[Tensor, Optional[Tensor]], p: LogprobsParams) -> Tensor:
@@ -89,7 +87,7 @@ class TorchBackend(TwoPassBackend):
         logp = empty((n,), acc, h.device)
         lse = empty((n,), acc, h.device)
         ent = empty((n,), acc, h.device) if p.return_entropy else None
-        head = self._head(w, b)
+        head = self._head(_dense(w), b)
         rows = self._rows_per_chunk(n, w.shape[0])
         for s in range(0, n, rows):
             e = min(n, s + rows)
@@ -102,7 +100,6 @@ class TorchBackend(TwoPassBackend):
     def _backward_chunks(self, h, w, b, needs: Needs, chunk_grad) -> Grads:
         """dh [n, D] in h's dtype; dw [V, D] and db [V] in the accumulation dtype (fp32 / fp64)."""
         n, (v, d) = h.shape[0], w.shape
-        w = w.contiguous()  # a no-op for the usual weight; see _head
         acc = _acc_dtype(h)
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
         dw = torch.zeros(v, d, dtype=acc, device=h.device) if needs[1] else None
@@ -121,6 +118,7 @@ class TorchBackend(TwoPassBackend):
         return dh, dw, db
 
     def backward(self, h, w, b, t, lse, ent, g_logp, g_ent, p: LogprobsParams, needs: Needs) -> Grads:
+        w = _dense(w)
         head = self._head(w, b)
 
         def chunk_grad(s, e):
@@ -139,6 +137,7 @@ class TorchBackend(TwoPassBackend):
         acc = _acc_dtype(h)
         logp = empty((n,), acc, h.device)
         ent = empty((n,), acc, h.device) if p.return_entropy else None
+        w = _dense(w)
         head = self._head(w, b)
 
         def chunk_grad(s, e):
@@ -152,6 +151,13 @@ class TorchBackend(TwoPassBackend):
 
         return logp, ent, _Formed(self._backward_chunks(h, w, b, needs, chunk_grad), w.dtype,
                                   None if b is None else b.dtype)
+
+
+def _dense(w: Tensor) -> Tensor:
+    """The head as a contiguous tensor, once per call (a no-op for the usual weight): a transposed view
+    sends torch's GEMMs down another layout whose rounding differs (MKL on AMD Zen 3), and a view must
+    give the bits of the contiguous weight."""
+    return w.contiguous()
 
 
 def _round(grads: Grads, w: Tensor, b: Optional[Tensor]) -> Grads:
