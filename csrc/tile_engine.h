@@ -18,9 +18,9 @@
 // - atmm:   at::mm on strided views (fp32 only; torch.mm's own sgemm).
 // - mkl-upcast: 16-bit tiles only: both operands widened to fp32 in per-thread scratch, then MKL's sgemm. The
 //           products of 16-bit values are exact in fp32 and the sums fp32, as in the 16-bit engines, so the
-//           class of accuracy is theirs. For CPUs without 16-bit matrix units (AVX2 only), where MKL's and
-//           ATen's 16-bit GEMMs run below sgemm on the one-pass dH shape (AMD EPYC Zen 3, 2 threads,
-//           256 x 896 x 1024: 73-78 GFLOP/s against sgemm's 116).
+//           class of accuracy is theirs. For CPUs whose 16-bit GEMMs widen to fp32 inside anyway: on AMD
+//           EPYC Zen 3 (AVX2, 2 threads) fp16 tiles ran at 100-126 GFLOP/s on it against 79-82 on MKL's and
+//           ATen's fp16 GEMMs, while bf16 tiles tied (backends/cpu_engines.py says when it is chosen).
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
 //           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.

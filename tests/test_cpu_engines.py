@@ -133,32 +133,17 @@ def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
     elif dt != torch.float32 and cpu._ext().has_amx(dt):
         assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/plain")
         assert cpu_engines.gemm_path(dt, 896, "brgemm-vnni") == "brgemm-vnni/amx-vnni"
-    elif dt != torch.float32 and cpu_engines.has_16bit_dot(dt) is False:
-        assert (engine, cpu.gemm_path(dt, 896)) == ("mkl-upcast", "mkl-upcast/plain")
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("dot", [False, True], ids=["no-dot", "dot"])
-def test_16bit_selection_follows_the_dot_product_instructions(dtype, dot, monkeypatch):
-    """Off AMX, a CPU without dot products for the dtype widens its tiles (mkl-upcast); one with them
-    (AVX-512-BF16, AVX512-FP16) has the probe choose. The CPU's features are faked here."""
-    dt = DTYPES[dtype]
-    if cpu._ext().has_amx(dt):
-        pytest.skip("this CPU has AMX tiles for the dtype: capability picks an AMX engine first")
-    monkeypatch.delenv(ENV, raising=False)
-    names = cpu_engines._DOT_FEATURES[dt]
-    real = torch.cpu.get_capabilities()
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**real, **{n: dot for n in names}})
-    cpu_engines._chosen.cache_clear()
-    try:
-        assert cpu_engines.has_16bit_dot(dt) is dot
-        engine, why = cpu_engines.selection(dt)
-        if dot:
-            assert why.startswith("probe: ") and "mkl-upcast" in why
-        else:
-            assert engine == "mkl-upcast" and "dot-product" in why
-    finally:
-        cpu_engines._chosen.cache_clear()  # the next test sees this machine's own choice again
+@pytest.mark.parametrize(
+    "rates, winner",
+    [({"brgemm": 120.0, "mkl": 110.0, "mkl-upcast": 130.0}, "brgemm"),  # within the margin: a 16-bit engine
+     ({"brgemm": 80.0, "mkl": 82.0, "mkl-upcast": 110.0}, "mkl-upcast"),
+     ({"brgemm": 100.0, "mkl": 140.0}, "mkl")],
+    ids=["tie-keeps-16bit", "widening-wins-by-margin", "no-widening-engine"],
+)
+def test_probe_prefers_a_16bit_engine_unless_widening_wins_by_the_margin(rates, winner):
+    assert cpu_engines.pick(rates) == winner
 
 
 def test_engine_forced_per_dtype(monkeypatch):

@@ -31,16 +31,14 @@ Selection, per dtype, cached per process (``engine_for``):
    896 x 256 x 1024: plain 600-1,000 GFLOP/s, VNNI-packed micro-kernel 250-550, MKL 710-860; the
    two-pass backward at N = 4096 took 2.7 s plain against 3.8-5.1 s VNNI-packed); fp32 runs ``mkl``
    (torch.mm's own sgemm without the tensor wrapping);
-   16-bit tiles on a CPU with no dot-product instructions for that dtype (bf16: neither AVX-512-BF16 nor
-   AMX-BF16; fp16: neither AVX512-FP16 nor AMX-FP16; e.g. AVX2-only CPUs such as AMD Zen 3) run
-   ``mkl-upcast``: there every 16-bit GEMM widens to fp32 inside, and ours does it once per tile into
-   sgemm. Measured on AMD EPYC Zen 3 (2 threads): the bf16 GRPO loss at 8 x 512 took 1.11x the fp32
-   three-GEMM floor on ``mkl-upcast`` against 1.19x on ``brgemm`` (medians of 3, one process, faster in
-   every round), and the fp16 forward tile ran at 100-126 GFLOP/s against 79-82 (docs/design.md,
-   "Measured CPU facts");
-3. otherwise (16-bit with dot-product instructions but no AMX: AVX-512-BF16 machines such as AMD Zen 4/5)
-   a short measured probe: the forward's tile on every thread for each runnable engine (tens of
-   milliseconds), the fastest wins.
+3. otherwise (16-bit without AMX: AVX-512-BF16 or AVX2 machines) a short measured probe: the forward's
+   tile on every thread for each runnable engine (tens of milliseconds). The fastest wins, except that
+   ``mkl-upcast`` must beat the fastest 16-bit engine by ``WIDEN_MARGIN`` (10 %): its per-thread fp32
+   scratch costs cache that the tile probe does not see. Measured on AMD EPYC Zen 3 (AVX2, 2 threads,
+   fresh processes alternating, the GRPO loss at 4 x 512): bf16, where the tile probe ties all three
+   engines (106-147 GFLOP/s), took 16.1-17.0 s on ``brgemm`` against 17.1-18.3 s on ``mkl-upcast``;
+   fp16, where ``mkl-upcast`` leads the probe (100-126 against 79-82), took 17.5-19.9 s on it
+   against 21.6-24.2 s on ``brgemm``.
 
 ``gemm_path(dtype, d)`` names what ran, e.g. ``"amx/amx-vnni"``, ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
@@ -107,21 +105,8 @@ def _forced(dtype: torch.dtype) -> Optional[str]:
     return choice
 
 
-# The CPU features (torch.cpu.get_capabilities(), i.e. cpuinfo) that give 16-bit GEMMs their own
-# dot products instead of a widening to fp32.
-_DOT_FEATURES = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-
-
-def has_16bit_dot(dtype: torch.dtype) -> Optional[bool]:
-    """Whether this CPU has dot-product instructions for 16-bit ``dtype`` (None when torch cannot say)."""
-    caps_fn = getattr(torch.cpu, "get_capabilities", None)
-    if caps_fn is None:
-        return None
-    caps = caps_fn()
-    names = _DOT_FEATURES[dtype]
-    if not all(n in caps for n in names):
-        return None
-    return any(bool(caps[n]) for n in names)
+# How much faster than the best 16-bit engine the widening one must probe to be chosen (see above).
+WIDEN_MARGIN = 1.10
 
 
 def probe(dtype: torch.dtype) -> dict[str, float]:
@@ -142,11 +127,17 @@ def _chosen(dtype: torch.dtype, threads: int) -> tuple[str, str]:
         if unavailable("amx", dtype) is None:
             return "amx", "AMX: our AMX kernel on VNNI-packed operands (measured faster than ATen's plain brgemm on the logits tiles)"
         return "brgemm", "AMX: ATen brgemm on plain operands (measured faster than VNNI-packed)"
-    if has_16bit_dot(dtype) is False and unavailable("mkl-upcast", dtype) is None:
-        return "mkl-upcast", f"no {dtype} dot-product instructions: tiles widened to fp32 once, MKL sgemm"
     rates = probe(dtype)
-    best = max(rates, key=rates.get)
-    return best, "probe: " + ", ".join(f"{e} {r:.0f} GFLOP/s" for e, r in rates.items())
+    return pick(rates), "probe: " + ", ".join(f"{e} {r:.0f} GFLOP/s" for e, r in rates.items())
+
+
+def pick(rates: dict[str, float]) -> str:
+    """The probe's winner among ``rates`` (engine -> GFLOP/s): the fastest 16-bit engine, unless
+    ``mkl-upcast`` beats it by ``WIDEN_MARGIN``."""
+    native = {e: r for e, r in rates.items() if e != "mkl-upcast"}
+    best = max(native, key=native.get)
+    widened = rates.get("mkl-upcast")
+    return "mkl-upcast" if widened is not None and widened > WIDEN_MARGIN * native[best] else best
 
 
 def engine_for(dtype: torch.dtype) -> str:
