@@ -178,10 +178,14 @@ int64_t backward_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype, b
                         const LogprobsOptions& opt, int64_t nthreads) {
   const bool fp32 = dtype == at::kFloat;
   // Per thread and token of a super-chunk: an fp32 dH^T column and kGroup * kVocabBlock dZ values.
-  const int64_t per_token = nthreads * (d * 4 + kGroup * kVocabBlock * (fp32 ? 4 : 2));
-  // a 16-bit dW split across super-chunks keeps an int8 residual [V, D] (dw_lo)
+  const int64_t own = nthreads * (d * 4 + kGroup * kVocabBlock * (fp32 ? 4 : 2));
+  // Where the engine makes fp32 copies of a whole-group GEMM's token-long operands (dZ_g^T and H), those
+  // too. One super-chunk is sized by the backward's own buffers (with the copies, N = 4096 measured +117 MB
+  // in all on AMD Zen 3); once N is split, a 16-bit dW's int8 residual [V, D] (dw_lo) joins them, and the
+  // copies count against the split budget (without them N = 16384 measured +297 MB there).
+  const int64_t widened = widens_operands(opt.engine, dtype) ? nthreads * (kGroup * kVocabBlock + d) * 4 : 0;
   const int64_t residual = need_dw && !fp32 ? v * d : 0;
-  return backward_super_chunk_tokens(n, opt, per_token, residual,
+  return backward_super_chunk_tokens(n, opt, own, own + widened, residual,
                                      fp32 ? kFloatBackwardTokens : std::numeric_limits<int64_t>::max());
 }
 

@@ -87,11 +87,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_chunk_tokens", &grpo_kernels::fused_chunk_tokens, "tokens per one-pass chunk");
   m.def(
       "backward_tokens",
-      [](int64_t n, int64_t v, int64_t d, at::ScalarType dtype, bool need_dw) {
+      [](int64_t n, int64_t v, int64_t d, at::ScalarType dtype, bool need_dw, const std::string& engine) {
         grpo_kernels::LogprobsOptions opt;
+        opt.engine = grpo_kernels::parse_engine(engine);
         return grpo_kernels::backward_tokens(n, v, d, dtype, need_dw, opt, at::get_num_threads());
       },
-      "tokens per super-chunk of the two-pass backward (its default sizing)");
+      "tokens per super-chunk of the two-pass backward (its default sizing) on an engine", py::arg("n"), py::arg("v"),
+      py::arg("d"), py::arg("dtype"), py::arg("need_dw"), py::arg("engine") = "brgemm");
+  m.def(
+      "widens_operands",
+      [](const std::string& engine, at::ScalarType dtype) {
+        return grpo_kernels::widens_operands(grpo_kernels::parse_engine(engine), dtype);
+      },
+      "whether the engine's 16-bit GEMMs make fp32 copies of their operands (counted in the backward's budget)");
   m.def("kept_bytes", &grpo_kernels::kept_bytes, "bytes of the one-pass workspace for a chunk of n tokens");
   m.def(
       "gemm_path",

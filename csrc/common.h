@@ -102,14 +102,15 @@ inline int64_t super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t
 }
 
 // Tokens per super-chunk of the two-pass backward: one super-chunk when N fits kBackwardBudgetBytes;
-// else, for a 16-bit dW (residual_bytes > 0), as many as the split budget leaves beside the residual,
-// balanced so the last super-chunk is not a sliver.
+// else, for a 16-bit dW (residual_bytes > 0), the fewest super-chunks k the split budget leaves room for
+// beside the residual, each n / k tokens rounded up to whole token chunks.
+// bytes_per_token sizes one super-chunk; split_bytes_per_token (>= it: with the engine's own copies) the split.
 inline int64_t backward_super_chunk_tokens(int64_t n, const LogprobsOptions& opt, int64_t bytes_per_token,
-                                           int64_t residual_bytes, int64_t max_tokens) {
+                                           int64_t split_bytes_per_token, int64_t residual_bytes, int64_t max_tokens) {
   const int64_t s = super_chunk_tokens(n, opt, bytes_per_token, kBackwardBudgetBytes, max_tokens);
   if (opt.super_chunk > 0 || s >= n || residual_bytes == 0) return s;
-  const int64_t budget = std::max(kSplitBackwardBudgetBytes - residual_bytes, bytes_per_token * kTokenChunk);
-  const int64_t cap = super_chunk_tokens(n, opt, bytes_per_token, budget, std::min(s, max_tokens));
+  const int64_t budget = std::max(kSplitBackwardBudgetBytes - residual_bytes, split_bytes_per_token * kTokenChunk);
+  const int64_t cap = super_chunk_tokens(n, opt, split_bytes_per_token, budget, std::min(s, max_tokens));
   return std::min(n, ceil_div(ceil_div(n, ceil_div(n, cap)), kTokenChunk) * kTokenChunk);
 }
 

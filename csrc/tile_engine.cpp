@@ -78,11 +78,22 @@ void mkl_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
      reinterpret_cast<const uint16_t*>(b), int(ldb), add ? 1.f : 0.f, c, int(ldc));
 }
 
-// 16-bit tiles widened to fp32 (exactly), then sgemm: the scratch is per thread and grows to the largest tile.
+// mkl-upcast's fp32 copies of the operands, per thread: they grow to the largest tile of a run of tile GEMMs
+// and are freed when the run ends (release), so that no memory outlives a kernel call.
+struct UpcastScratch {
+  std::vector<float> a, b;
+};
+UpcastScratch& upcast_scratch() {
+  thread_local UpcastScratch s;
+  return s;
+}
+
+// 16-bit tiles widened to fp32 (exactly), then sgemm.
 template <typename T>
 void upcast_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                  const T* b, float* c) {
-  thread_local std::vector<float> wa, wb;
+  std::vector<float>& wa = upcast_scratch().a;
+  std::vector<float>& wb = upcast_scratch().b;
   if (wa.size() < static_cast<size_t>(m * k)) wa.resize(static_cast<size_t>(m * k));
   if (wb.size() < static_cast<size_t>(k * n)) wb.resize(static_cast<size_t>(k * n));
   for (int64_t r = 0; r < m; ++r) at::vec::convert(a + r * lda, wa.data() + r * k, k);
@@ -204,6 +215,12 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 
 void release(Engine e) {
   if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || e == Engine::kAmx) at::native::cpublas::brgemm_release(true);
+  if (e == Engine::kMklUpcast) upcast_scratch() = UpcastScratch{};
+}
+
+bool widens_operands(Engine e, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return false;
+  return e == Engine::kMklUpcast || ((e == Engine::kBrgemm || e == Engine::kMkl) && !has_amx(dtype));
 }
 
 template <typename T>

@@ -68,7 +68,13 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 // "<engine>/amx-vnni" (packed operands on AMX) or "<engine>/plain".
 std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
 
-// Ends a thread's run of tile GEMMs (releases brgemm's AMX tile configuration).
+// Whether the engine's 16-bit GEMMs make fp32 copies of their operands per call, scratch that grows with the
+// operands: mkl-upcast by construction, and MKL's and ATen's 16-bit GEMMs off AMX as measured (AMD EPYC Zen 3,
+// 2 threads: the two-pass backward's whole-group GEMMs took ~12.5 KB per token of a super-chunk beyond the
+// backward's own buffers, 68 MiB at 5,632 tokens). The two-pass backward counts it against its budget.
+bool widens_operands(Engine e, at::ScalarType dtype);
+
+// Ends a thread's run of tile GEMMs (releases brgemm's AMX tile configuration, mkl-upcast's scratch).
 void release(Engine e);
 
 // GFLOP/s of the forward's tile shape [256 x 256 x d] on every thread at once (reps tiles each, best

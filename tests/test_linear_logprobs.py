@@ -406,13 +406,18 @@ def test_cpu_dweight_across_super_chunks_is_rounded_once(dtype, seed):
 def test_cpu_backward_super_chunks_budget_the_dw_residual(dtype):
     """The two-pass backward's default sizing at the Qwen head: one super-chunk while N fits its 96 MB
     budget; past that, a 16-bit dW's int8 residual [V, D] counts against the split budget (200 MB), the
-    super-chunks are balanced, and the workspace stays flat in N (issue 14's N = 16384 case)."""
+    super-chunks are balanced, and the workspace stays flat in N (issue 14's N = 16384 case). An engine
+    that widens 16-bit operands to fp32 copies (off AMX) has those copies counted too."""
     v, d = 151936, 896
     ext = gk.backends.cpu_extension()
     threads = ext.num_threads()
-    # the backward's buffers per token of a super-chunk: per thread an fp32 dH^T column and 4 x 256 dZ values
-    per_token = threads * (4 * d + 1024 * dtype.itemsize)
-    sizes = {n: ext.backward_tokens(n, v, d, dtype, True) for n in (1024, 4096, 8192, 16384, 65536)}
+    engine = "brgemm"
+    widens = ext.widens_operands(engine, dtype)
+    assert widens == (dtype != torch.float32 and not ext.has_amx(dtype))
+    # the backward's buffers per token of a super-chunk: per thread an fp32 dH^T column and 4 x 256 dZ values;
+    # once N is split, also the fp32 copies of a whole-group GEMM's dZ_g^T and H columns where the engine widens
+    per_token = threads * (4 * d + 1024 * dtype.itemsize + (4 * (1024 + d) if widens else 0))
+    sizes = {n: ext.backward_tokens(n, v, d, dtype, True, engine) for n in (1024, 4096, 8192, 16384, 65536)}
     for n, s in sizes.items():
         assert s % 256 == 0 or s == n, (n, s)
         assert s <= n
@@ -424,8 +429,21 @@ def test_cpu_backward_super_chunks_budget_the_dw_residual(dtype):
             s = sizes[n]
             assert -(-n // s) >= 2
             assert s * per_token + v * d <= 200 << 20, (n, s)
-            last = n - (-(-n // s) - 1) * s
-            assert last > s // 2, (n, s, last)  # balanced: no sliver of a last super-chunk
+            # as few super-chunks as the budget allows (each one re-reads W and dW), balanced within them
+            largest = ((200 << 20) - v * d) // per_token // 256 * 256
+            k = -(-n // largest)
+            assert -(-n // s) == k, (n, s, largest)
+            assert s == -(-(-(-n // k)) // 256) * 256, (n, s, k)  # n / k rounded up to whole token chunks
     # without dW there is no residual to budget: the 96 MB budget's larger super-chunks
-    no_dw = ext.backward_tokens(16384, v, d, dtype, False)
+    no_dw = ext.backward_tokens(16384, v, d, dtype, False, engine)
     assert no_dw == sizes[16384] if dtype == torch.float32 else no_dw > sizes[16384]
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+def test_widening_engine_counts_its_copies_in_the_backward_budget():
+    """mkl-upcast always widens 16-bit operands, so its super-chunks are the smaller ones; fp32 never widens."""
+    ext = gk.backends.cpu_extension()
+    v, d = 151936, 896
+    assert ext.widens_operands("mkl-upcast", BF16) and not ext.widens_operands("mkl", torch.float32)
+    if not ext.widens_operands("brgemm", BF16):  # on AMX: brgemm reads its operands in place
+        assert ext.backward_tokens(16384, v, d, BF16, True, "mkl-upcast") < ext.backward_tokens(16384, v, d, BF16, True)

@@ -36,9 +36,9 @@ Selection, per dtype, cached per process (``engine_for``):
    ``mkl-upcast`` must beat the fastest 16-bit engine by ``WIDEN_MARGIN`` (10 %): its per-thread fp32
    scratch costs cache that the tile probe does not see. Measured on AMD EPYC Zen 3 (AVX2, 2 threads,
    fresh processes alternating, the GRPO loss at 4 x 512): bf16, where the tile probe ties all three
-   engines (106-147 GFLOP/s), took 16.1-17.0 s on ``brgemm`` against 17.1-18.3 s on ``mkl-upcast``;
-   fp16, where ``mkl-upcast`` leads the probe (100-126 against 79-82), took 17.5-19.9 s on it
-   against 21.6-24.2 s on ``brgemm``.
+   engines (106-147 GFLOP/s), took a median 16.8 s (16.1-19.5) on ``brgemm`` against 17.9 s (17.1-18.4) on ``mkl-upcast``;
+   fp16, where ``mkl-upcast`` leads the probe (100-126 against 79-82), took 19.1 s (17.5-19.9) on it
+   against 23.4 s (21.6-24.2) on ``brgemm``.
 
 ``gemm_path(dtype, d)`` names what ran, e.g. ``"amx/amx-vnni"``, ``"brgemm/plain"`` or ``"brgemm-vnni/amx-vnni"``.
 """
