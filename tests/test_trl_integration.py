@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo_kernels as gk
 from grpo_kernels.trainer.model import ASSETS
+from grpo_kernels.trainer.parallel import exit_rank
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -359,6 +360,9 @@ def _ddp_worker(case_id: str, path: str, out: str) -> None:
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save((logs, params), os.path.join(out, "result.pt"))
+    # accelerate's gloo group outlives the run; a rank that finalizes can then abort (SIGABRT) at exit
+    torch.distributed.barrier()
+    exit_rank(0)
 
 
 if __name__ == "__main__":
