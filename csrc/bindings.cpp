@@ -106,7 +106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](at::ScalarType dtype, int64_t d, const std::string& engine) {
         return grpo_kernels::gemm_path(dtype, d, grpo_kernels::parse_engine(engine));
       },
-      "GEMM path of an engine for a dtype and hidden size: '<engine>/amx-vnni' or '<engine>/plain'");
+      "GEMM path of an engine for a dtype and hidden size: '<engine>/amx-vnni', '<engine>/vnni' or '<engine>/plain'");
   m.def(
       "engine_unavailable",
       [](const std::string& engine, at::ScalarType dtype) {

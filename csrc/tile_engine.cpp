@@ -4,6 +4,7 @@
 #include "tile_engine.h"
 
 #include "amx_gemm.h"
+#include "avx512_bf16_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -110,8 +111,10 @@ Engine parse_engine(const std::string& name) {
   if (name == "brgemm-vnni") return Engine::kBrgemmVnni;
   if (name == "amx") return Engine::kAmx;
   if (name == "mkl-upcast") return Engine::kMklUpcast;
+  if (name == "avx512-bf16") return Engine::kAvx512Bf16;
   TORCH_CHECK(false,
-              "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'mkl-upcast', 'atmm' or 'amx'; got '",
+              "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'mkl-upcast', 'atmm', 'amx' or "
+              "'avx512-bf16'; got '",
               name, "'");
 }
 
@@ -123,6 +126,7 @@ const char* engine_name(Engine e) {
     case Engine::kBrgemmVnni: return "brgemm-vnni";
     case Engine::kAmx: return "amx";
     case Engine::kMklUpcast: return "mkl-upcast";
+    case Engine::kAvx512Bf16: return "avx512-bf16";
   }
   return "?";
 }
@@ -154,6 +158,11 @@ std::string engine_unavailable(Engine e, at::ScalarType dtype) {
       if (!amx::compiled) return "this build of grpo_kernels._C has no AMX kernel (compiler without amx-tile/amx-bf16)";
       if (!amx::available()) return "this CPU has no AMX bf16 tiles, or Linux did not grant them to this process";
       return has_amx(dtype) ? "" : "ATen's brgemm reports no AMX for bf16 (it runs the kernel's ragged edges)";
+    case Engine::kAvx512Bf16:
+      if (dtype != at::kBFloat16) return "the AVX-512-BF16 kernel runs bf16 tiles only";
+      if (!avx512bf16::compiled)
+        return "this build of grpo_kernels._C has no AVX-512-BF16 kernel (compiler without avx512bf16)";
+      return avx512bf16::available() ? "" : "this CPU has no AVX-512-BF16 (vdpbf16ps), or the OS does not enable AVX-512";
   }
   return "unknown engine";
 }
@@ -168,26 +177,32 @@ bool use_vnni(Engine e, int64_t d) {
   if constexpr (std::is_same_v<T, float>) {
     return false;
   } else {
-    // VNNI pairs run along D in the logits GEMM, so D must be even; AMX is what makes packing pay.
-    return (e == Engine::kBrgemmVnni || e == Engine::kAmx) && d % 2 == 0 &&
-           has_amx(c10::CppTypeToScalarType<T>::value);
+    // VNNI pairs run along D in the logits GEMM, so D must be even. For ATen's brgemm AMX is what makes
+    // packing pay; our AVX-512-BF16 kernel reads only packed B.
+    if (d % 2 != 0) return false;
+    if (e == Engine::kAvx512Bf16) return std::is_same_v<T, at::BFloat16>;
+    return (e == Engine::kBrgemmVnni || e == Engine::kAmx) && has_amx(c10::CppTypeToScalarType<T>::value);
   }
 }
 
-bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni; }
+bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni || e == Engine::kAvx512Bf16; }
 
 template <typename T>
 bool vnni_chunk_gradients(Engine e, int64_t d) {
-  return e == Engine::kAmx && use_vnni<T>(e, d);
+  return (e == Engine::kAmx || e == Engine::kAvx512Bf16) && use_vnni<T>(e, d);
 }
 
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni) {
-  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx);
+  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16);
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (e == Engine::kAmx && b_vnni) return amx::gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
+    if (e == Engine::kAvx512Bf16 && b_vnni)
+      return avx512bf16::gemm(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const uint16_t*>(a),
+                              reinterpret_cast<const uint32_t*>(b), c);
   }
+  if (e == Engine::kAvx512Bf16) e = Engine::kBrgemm;  // plain B (odd D): ATen's brgemm
   if (e == Engine::kAmx) {
     // plain B (the one-pass chunk's GEMMs, odd D): ATen's brgemm, which must reload its tile configuration
     at::native::cpublas::brgemm_release(true);
@@ -214,7 +229,8 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 }
 
 void release(Engine e) {
-  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || e == Engine::kAmx) at::native::cpublas::brgemm_release(true);
+  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16)
+    at::native::cpublas::brgemm_release(true);
   if (e == Engine::kMklUpcast) upcast_scratch() = UpcastScratch{};
 }
 
@@ -254,7 +270,7 @@ std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
   const bool vnni = dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(engine, d)
                     : dtype == at::kHalf   ? use_vnni<at::Half>(engine, d)
                                            : false;
-  return std::string(engine_name(engine)) + (vnni ? "/amx-vnni" : "/plain");
+  return std::string(engine_name(engine)) + (!vnni ? "/plain" : engine == Engine::kAvx512Bf16 ? "/vnni" : "/amx-vnni");
 }
 
 double tile_gemm_gflops(Engine e, at::ScalarType dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,

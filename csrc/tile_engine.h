@@ -24,6 +24,9 @@
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
 //           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.
+// - avx512-bf16: our own cache-blocked AVX-512-BF16 kernel (csrc/avx512_bf16_gemm.h), bf16 only, for CPUs with
+//           vdpbf16ps and no AMX (AMD Zen 4 / Zen 5): the amx engine's operand layout (VNNI-packed B), in every
+//           GEMM of both schedules; plain-B calls (odd D) go to ATen's brgemm.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,7 +36,15 @@
 
 namespace grpo_kernels {
 
-enum class Engine : int64_t { kBrgemm = 0, kMkl = 1, kAtMm = 2, kBrgemmVnni = 3, kAmx = 4, kMklUpcast = 5 };
+enum class Engine : int64_t {
+  kBrgemm = 0,
+  kMkl = 1,
+  kAtMm = 2,
+  kBrgemmVnni = 3,
+  kAmx = 4,
+  kMklUpcast = 5,
+  kAvx512Bf16 = 6
+};
 
 Engine parse_engine(const std::string& name);
 const char* engine_name(Engine e);
@@ -43,12 +54,14 @@ void check_engine(Engine e, at::ScalarType dtype);
 // Whether this machine has AMX tiles for 16-bit GEMMs (what makes VNNI packing pay).
 bool has_amx(at::ScalarType dtype);
 
-// VNNI-packed operands for this engine, dtype and hidden size: brgemm-vnni or amx, on AMX, with an even D.
+// VNNI-packed operands for this engine, dtype and hidden size, with an even D: brgemm-vnni or amx on AMX, or
+// avx512-bf16 (which reads nothing else).
 template <typename T>
 bool use_vnni(Engine e, int64_t d);
 
 // Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ per token chunk too, given that
-// its logits GEMM takes VNNI operands: brgemm-vnni only. The amx engine runs them as whole-group GEMMs on
+// its logits GEMM takes VNNI operands: brgemm-vnni and avx512-bf16 (whose plain-operand calls would run
+// ATen's brgemm, ~215 GFLOP/s on AMD Zen 5 against the kernel's ~1,000). The amx engine runs them as whole-group GEMMs on
 // plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
 // (benchmarks/tile_gemm_bench.py). In place, too: per-chunk dH^T on amx (2,030 GFLOP/s in the probe against
 // 1,330 whole-group plain) made the backward's dH part slower end to end (Intel Xeon with AMX, 2026-12-02:
@@ -56,7 +69,7 @@ bool use_vnni(Engine e, int64_t d);
 bool vnni_gradients(Engine e);
 
 // Whether the one-pass chunk's dW and dH GEMMs take VNNI operands (H_chunk in token pairs, W_group in
-// vocab-row pairs, packed by the schedule): the amx engine with an even D. Plain-operand calls would go to
+// vocab-row pairs, packed by the schedule): the amx and avx512-bf16 engines with an even D. Plain-operand calls would go to
 // ATen's brgemm, which packs its B operand per call.
 template <typename T>
 bool vnni_chunk_gradients(Engine e, int64_t d);
@@ -65,7 +78,8 @@ template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni);
 
-// "<engine>/amx-vnni" (packed operands on AMX) or "<engine>/plain".
+// "<engine>/amx-vnni" (packed operands on AMX), "<engine>/vnni" (packed operands for avx512-bf16) or
+// "<engine>/plain".
 std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
 
 // Whether the engine's 16-bit GEMMs make fp32 copies of their operands per call, scratch that grows with the

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_
 if HAS_CPU_EXT:
     from grpo_kernels.backends import cpu, cpu_engines
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
 
