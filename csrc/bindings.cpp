@@ -130,5 +130,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                               reps);
       },
       "GFLOP/s of an engine on C [m, n] (+)= A [m, k] B [k, n], all threads at once (benchmarks/tile_gemm_bench.py)");
+  m.def(
+      "tile_gemm_check",
+      [](const std::string& engine, const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool add, bool vnni) {
+        py::gil_scoped_release no_gil;
+        grpo_kernels::tile_gemm_check(grpo_kernels::parse_engine(engine), a, b, c, add, vnni);
+      },
+      "c (+)= a @ b through an engine's tile GEMM on one thread (b packed into VNNI pairs when vnni), for tests",
+      py::arg("engine"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("add"), py::arg("vnni"));
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

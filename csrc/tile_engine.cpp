@@ -291,6 +291,43 @@ double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
   return tile_gemm_gflops(e, dtype, 256, 256, d, d, 256, false, reps);
 }
 
+void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni) {
+  const at::ScalarType dt = a.scalar_type();
+  check_engine(e, dt);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+                  c.size(1) == b.size(1),
+              "tile_gemm_check: a [m, k], b [k, n], c [m, n]");
+  TORCH_CHECK(b.scalar_type() == dt && c.scalar_type() == at::kFloat, "tile_gemm_check: a, b of one dtype, c fp32");
+  TORCH_CHECK(a.stride(1) == 1 && c.stride(1) == 1, "tile_gemm_check: a and c must have unit column stride");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(!vnni || (dt != at::kFloat && k % 2 == 0), "tile_gemm_check: VNNI operands take 16-bit inputs and an even k");
+  TORCH_CHECK(!vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16,
+              "tile_gemm_check: engine '", engine_name(e), "' takes no VNNI operands");
+  // B as the kernels hand it over: row-major with a padded leading dimension, or VNNI pair rows
+  const int64_t ldb = n + 3;
+  at::Tensor bp;
+  if (vnni) {
+    const at::Tensor pairs = b.reshape({k / 2, 2, n}).transpose(1, 2).contiguous();  // [k/2, n, 2]
+    bp = at::zeros({k / 2, ldb, 2}, b.options());
+    bp.narrow(1, 0, n).copy_(pairs);
+  } else {
+    bp = at::zeros({k, ldb}, b.options());
+    bp.narrow(1, 0, n).copy_(b);
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    tile_gemm<T>(e, m, n, k, a.stride(0), ldb, c.stride(0), add, a.data_ptr<T>(), bp.data_ptr<T>(), c.data_ptr<float>(),
+                 vnni);
+    release(e);
+  };
+  if (dt == at::kFloat)
+    run(float{});
+  else if (dt == at::kBFloat16)
+    run(at::BFloat16{});
+  else
+    run(at::Half{});
+}
+
 #define GRPO_INSTANTIATE(T)                                                                                       \
   template bool use_vnni<T>(Engine, int64_t);                                                                     \
   template bool vnni_chunk_gradients<T>(Engine, int64_t);                                                         \

@@ -86,6 +86,8 @@ std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine);
 // operands: mkl-upcast by construction, and MKL's and ATen's 16-bit GEMMs off AMX as measured (AMD EPYC Zen 3,
 // 2 threads: the two-pass backward's whole-group GEMMs took ~12.5 KB per token of a super-chunk beyond the
 // backward's own buffers, 68 MiB at 5,632 tokens). The two-pass backward counts it against its budget.
+// avx512-bf16 counts as not widening: at an even D its GEMMs read the packed operands in place (an odd D, whose
+// plain calls go to ATen's brgemm, is left uncounted).
 bool widens_operands(Engine e, at::ScalarType dtype);
 
 // Ends a thread's run of tile GEMMs (releases brgemm's AMX tile configuration, mkl-upcast's scratch).
@@ -100,5 +102,10 @@ double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps);
 // above at any of the kernels' tile shapes (benchmarks/tile_gemm_bench.py).
 double tile_gemm_gflops(Engine e, at::ScalarType dtype, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                         bool add, int64_t reps);
+
+// c [m, n] (+)= a [m, k] b [k, n] through tile_gemm on one thread, from row-major (strided) tensors, with b packed
+// into VNNI pairs first when `vnni` (k even; the engine must take VNNI operands): the engines' own GEMM, for tests
+// against a float64 matmul at ragged shapes.
+void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni);
 
 }  // namespace grpo_kernels

@@ -22,6 +22,8 @@ if HAS_CPU_EXT:
 ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
+# our own kernels, which read B in VNNI pairs (amx_gemm.h, avx512_bf16_gemm.h)
+VNNI_KERNELS = ("amx", "avx512-bf16")
 
 
 def force(monkeypatch, engine: str, dtype: torch.dtype) -> None:
@@ -45,23 +47,65 @@ def test_linear_logprobs_on_engine(engine, dtype, dim, seed, monkeypatch):
     check_case("cpu", Case((3, 70), 1031, dim, DTYPES[dtype], ignore="some", **ALL))
 
 
-@pytest.mark.parametrize("dim", [326, 896], ids=["D326", "D896"])
-def test_amx_kernel_k_slices_and_ragged_edges(dim, seed, monkeypatch):
-    """The AMX kernel at a D with several K slices and a K tail (326 = 256 + 64 + 6), or the benchmarks'
-    D, with vocab and token counts off multiples of 32 (its ragged edges run on ATen's brgemm)."""
+# M x N x K: row tails of every length below the avx512-bf16 kernel's 6-row strip, partial (masked) column
+# vectors and 1-4 vectors per 64-column panel, K in several 512-element slices with a tail (1030), the amx
+# kernel's 32-aligned blocks with ragged rests, and the forward's tile.
+TILE_SHAPES = [(1, 1, 2), (5, 17, 64), (6, 64, 512), (7, 65, 514), (13, 130, 1030), (64, 48, 896), (257, 272, 896)]
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["store", "add"])
+@pytest.mark.parametrize("m, n, k", TILE_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in TILE_SHAPES])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_tile_gemm_matches_float64(engine, dtype, m, n, k, add, seed):
+    """Each engine's own GEMM, C (+)= A B from strided A and C, B in the layout the engine takes (VNNI pairs for
+    brgemm-vnni, amx and avx512-bf16): every element within fp32 accumulation error of a float64 matmul, and the
+    columns of C's rows past N (its leading-dimension padding) untouched."""
+    dt = DTYPES[dtype]
+    why = cpu_engines.unavailable(engine, dt)
+    if why is not None:
+        pytest.skip(f"engine {engine} cannot run {dt} here: {why}")
+    vnni = dt != torch.float32 and engine in ("brgemm-vnni",) + VNNI_KERNELS
+    a = torch.randn(m, k + 5)[:, :k].to(dt)  # rows k + 5 apart
+    b = torch.randn(k, n).to(dt)
+    buf = torch.randn(m, n + 7)  # C rows n + 7 apart
+    before = buf.clone()
+    c = buf[:, :n]
+    cpu._ext().tile_gemm_check(engine, a, b, c, add, vnni)
+    a64, b64 = a.double(), b.double()
+    exact = a64 @ b64 + (before[:, :n].double() if add else 0.0)
+    # fp32 accumulation of k products: far inside k * 2^-24 of the sum of magnitudes (a wrong element is O(1) off)
+    scale = a64.abs() @ b64.abs() + (before[:, :n].double().abs() if add else 0.0)
+    err = (c.double() - exact).abs()
+    bound = 2e-5 * scale + 1e-6
+    assert torch.isfinite(c).all(), f"{engine}: non-finite output"
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (
+        f"{engine} {dtype} {m}x{n}x{k}: element {divmod(worst, n)} off by {err.reshape(-1)[worst]:.3e}"
+        f" (bound {bound.reshape(-1)[worst]:.3e})")
+    assert torch.equal(buf[:, n:], before[:, n:]), f"{engine}: wrote past column {n} of C"
+
+
+@pytest.mark.parametrize("dim", [326, 896, 1030], ids=["D326", "D896", "D1030"])
+@pytest.mark.parametrize("engine", VNNI_KERNELS)
+def test_vnni_kernel_k_slices_and_ragged_edges(engine, dim, seed, monkeypatch):
+    """Our VNNI kernels at D with K slices and a K tail (326 = 256 + 64 + 6 for amx; 1030 = 512 + 512 + 6 for
+    avx512-bf16) or the benchmarks' D, with vocab and token counts off multiples of 32 (amx runs its ragged edges on
+    ATen's brgemm, avx512-bf16 on narrower strips and masked column vectors of its own)."""
     from test_linear_logprobs import ALL, Case, check_case
 
-    force(monkeypatch, "amx", torch.bfloat16)
-    assert cpu.gemm_path(torch.bfloat16, dim) == "amx/amx-vnni"
+    force(monkeypatch, engine, torch.bfloat16)
+    assert cpu.gemm_path(torch.bfloat16, dim) in ("amx/amx-vnni", "avx512-bf16/vnni")
     check_case("cpu", Case((3, 67), 1000, dim, torch.bfloat16, ignore="some", **ALL))
 
 
-def test_amx_over_super_chunks_with_an_odd_last_one(seed, monkeypatch):
-    """The amx engine over several super-chunks (dW accumulated across them), the last one odd
+@pytest.mark.parametrize("engine", VNNI_KERNELS)
+def test_vnni_kernel_over_super_chunks_with_an_odd_last_one(engine, seed, monkeypatch):
+    """A VNNI kernel over several super-chunks (dW accumulated across them), the last one odd
     (601 = 256 + 256 + 89 tokens: its VNNI-packed H^T pairs the last token's features with zeros)."""
     from test_linear_logprobs import Case, check_case
 
-    force(monkeypatch, "amx", torch.bfloat16)
+    force(monkeypatch, engine, torch.bfloat16)
     with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(super_chunk_tokens=256))):
         check_case("cpu", Case((601,), 517, 64, torch.bfloat16, bias=True, entropy=True))
 
@@ -98,13 +142,14 @@ def test_fused_loss_on_engine(engine, dtype, dim, schedule, seed, monkeypatch):
 
 
 @pytest.mark.parametrize("dim", [64, 326], ids=["D64", "D326"])
-def test_amx_one_pass_vnni_gradients_with_odd_chunk_and_vocab(dim, seed, monkeypatch):
-    """The one pass on amx takes VNNI operands in its gradient GEMMs too (H_chunk in token pairs, W_group
-    in vocab-row pairs): an odd last chunk (123 = 48 + 48 + 27 tokens) pairs its last token with zero, an
+@pytest.mark.parametrize("engine", VNNI_KERNELS)
+def test_vnni_kernel_one_pass_gradients_with_odd_chunk_and_vocab(engine, dim, seed, monkeypatch):
+    """The one pass on a VNNI kernel takes VNNI operands in its gradient GEMMs too (H_chunk in token pairs,
+    W_group in vocab-row pairs): an odd last chunk (123 = 48 + 48 + 27 tokens) pairs its last token with zero, an
     odd vocabulary (611) its last W row; D = 326 adds K slices and a K tail to the dW GEMM's N side."""
     from test_fused_loss import check, make_problem, oracle64, run_loss, same_dtype
 
-    force(monkeypatch, "amx", torch.bfloat16)
+    force(monkeypatch, engine, torch.bfloat16)
     cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.05)
     hidden, weight, b, ids, mask, adv, old, ref = make_problem(B=3, T=41, D=dim, V=611, dtype=torch.bfloat16, bias=True)
     with gk.backends.use(cpu.CpuBackend(cpu.CpuTuning(fused_chunk_tokens=48, schedule="one-pass"))):
@@ -130,6 +175,9 @@ def test_default_selection_is_runnable_and_reported(dtype, monkeypatch):
     assert cpu.gemm_path(dt, 896).startswith(engine + "/")
     if dt == torch.bfloat16 and cpu_engines.unavailable("amx", dt) is None:
         assert (engine, cpu.gemm_path(dt, 896)) == ("amx", "amx/amx-vnni")
+    elif dt == torch.bfloat16 and cpu_engines.unavailable("avx512-bf16", dt) is None:
+        # off AMX the probe decides; our vdpbf16ps kernel measured 4-5x the widening engines on AMD Zen 5
+        assert engine == "avx512-bf16" and cpu.gemm_path(dt, 896) == "avx512-bf16/vnni", why
     elif dt != torch.float32 and cpu._ext().has_amx(dt):
         assert (engine, cpu.gemm_path(dt, 896)) == ("brgemm", "brgemm/plain")
         assert cpu_engines.gemm_path(dt, 896, "brgemm-vnni") == "brgemm-vnni/amx-vnni"
@@ -184,6 +232,18 @@ def test_probe_measures_every_runnable_engine(dtype):
 
 def test_upcast_engine_names_why_it_cannot_run_fp32():
     assert "no widening" in cpu_engines.unavailable("mkl-upcast", torch.float32)
+
+
+def test_avx512_bf16_engine_names_why_it_cannot_run():
+    """The AVX-512-BF16 kernel runs bf16 tiles only, and only where the CPU has vdpbf16ps; an odd D takes the plain
+    path (ATen's brgemm), which its gemm_path says."""
+    for dt in (torch.float32, torch.float16):
+        assert "bf16 tiles only" in cpu_engines.unavailable("avx512-bf16", dt)
+    why = cpu_engines.unavailable("avx512-bf16", torch.bfloat16)
+    assert why is None or "AVX-512-BF16" in why
+    if why is None:
+        assert cpu_engines.gemm_path(torch.bfloat16, 896, "avx512-bf16") == "avx512-bf16/vnni"
+        assert cpu_engines.gemm_path(torch.bfloat16, 33, "avx512-bf16") == "avx512-bf16/plain"
 
 
 def test_amx_engine_names_why_it_cannot_run():
