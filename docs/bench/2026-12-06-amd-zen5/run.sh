@@ -8,3 +8,6 @@ python benchmarks/run.py --ops grpo_fwd_bwd --dtypes fp32 --sizes 8x512 --provid
 python benchmarks/run.py --ops logprobs_fwd --dtypes bf16 fp32 --sizes 1024 4096 16384 --providers ours --repeats 2 --out $D/logprobs_fwd.json > $D/logprobs_fwd.log 2>&1
 python benchmarks/run.py --ops logprobs_fwd_bwd --dtypes bf16 fp32 --sizes 1024 4096 16384 --providers ours --repeats 2 --out $D/logprobs_fwd_bwd.json > $D/logprobs_fwd_bwd.log 2>&1
 bash $D/ab_schedule.sh
+# Reruns at 4b8e78f (the forward epilogue without a transformed copy of the tile):
+python benchmarks/run.py --ops logprobs_fwd --dtypes bf16 fp32 --sizes 1024 4096 16384 --providers ours --repeats 2 --out $D/logprobs_fwd_epilogue.json > $D/logprobs_fwd_epilogue.log 2>&1
+python benchmarks/run.py --ops grpo_fwd_bwd --dtypes bf16 --sizes 8x512 --providers ours cce --repeats 2 --out $D/grpo_bf16_epilogue.json > $D/grpo_bf16_epilogue.log 2>&1
