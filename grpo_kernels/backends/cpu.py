@@ -19,6 +19,10 @@ GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` 
   one pass 1.99-2.11x (with VNNI gradient GEMMs and a 16-lane dW flush; 2.22-2.32x before) against two
   passes' 1.37-1.47x, as at AMX GEMM speed the one pass's per-chunk costs (all of W streamed and all
   of dW, with its residual, re-read and re-written once per 256 tokens) outweigh the saved GEMM.
+
+Off AMX the one pass wins at full bf16 GEMM speed too: on AMD Zen 5 (avx512-bf16 engine, ~950 GFLOP/s per
+tile, 2 vCPU, bf16, 8 x 512, fresh processes alternating) one pass 0.95-1.03x its three-GEMM floor against two
+passes' 1.23-1.32x (docs/bench/2026-12-06-amd-zen5/ab_schedule.log).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def _ext():
 
 
 def gemm_path(dtype: torch.dtype, d: int) -> str:
-    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/plain', 'brgemm-vnni/amx-vnni' or 'mkl/plain'."""
+    """The engine and operand layout the tile GEMMs take here, e.g. 'brgemm/plain', 'amx/amx-vnni', 'avx512-bf16/vnni' or 'mkl/plain'."""
     return cpu_engines.gemm_path(dtype, d)
 
 
