@@ -452,5 +452,20 @@ def test_widening_engine_counts_its_copies_in_the_backward_budget():
         assert upcast < ext.backward_tokens(16384, v, d, BF16, True, "brgemm")
 
 
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_kernels._C is not built")
+def test_vnni_gradient_engine_counts_its_packed_h_in_the_backward_budget():
+    """Engines whose two-pass dW takes VNNI-packed dZ per chunk (brgemm-vnni, avx512-bf16) keep H^T of the whole
+    super-chunk in bf16 beside the per-thread buffers: 2 D bytes more per token, counted against the split
+    budget (with the int8 dW residual) like a widening engine's copies; one super-chunk is sized as before."""
+    ext = gk.backends.cpu_extension()
+    v, d, threads = 151936, 896, ext.num_threads()
+    own = threads * (4 * d + 1024 * 2)
+    for n in (16384, 65536):
+        s = ext.backward_tokens(n, v, d, BF16, True, "avx512-bf16")
+        assert s * (own + 2 * d) + v * d <= 200 << 20, (n, s)
+        assert ext.backward_tokens(n, v, d, BF16, False, "avx512-bf16") > s  # no dW: no residual, no packed H
+    assert ext.backward_tokens(8192, v, d, BF16, True, "avx512-bf16") == 8192  # one super-chunk still
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
