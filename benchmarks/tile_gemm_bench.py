@@ -6,9 +6,9 @@ Engines: ATen brgemm on plain operands, brgemm on VNNI operands (oneDNN's JIT mi
 MKL cblas_gemm_bf16bf16f32, mkl-upcast, our AMX kernel (csrc/amx_gemm.h) and our AVX-512-BF16 kernel
 (csrc/avx512_bf16_gemm.h), each through the kernels' own ``tile_gemm`` (csrc/tile_engine.h), B in the layout
 the kernels hand that engine (VNNI pairs for brgemm-vnni and amx on AMX, and for avx512-bf16), A streaming
-through 16 blocks. The last column is our kernel (amx or avx512-bf16, whichever runs here) over the best other. Shapes (M x N x K, lda, ldb)
-are the tile GEMMs of csrc/forward.cpp, backward.cpp and one_pass.cpp at D = 896. Engines this machine
-cannot run are left out (``cpu_engines.available_engines``); correctness of every engine is
+through 16 blocks. The last column is our kernel (amx or avx512-bf16, whichever runs here) over the best
+other. Shapes (M x N x K, lda, ldb) are the tile GEMMs of csrc/forward.cpp, backward.cpp and one_pass.cpp
+at D = 896. Engines this machine cannot run are left out (``cpu_engines.available_engines``); correctness of every engine is
 tests/test_cpu_engines.py's job.
 """
 

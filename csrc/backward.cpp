@@ -184,10 +184,11 @@ int64_t backward_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype, b
   // in all on AMD Zen 3); once N is split, a 16-bit dW's int8 residual [V, D] (dw_lo) joins them, and the
   // copies count against the split budget (without them N = 16384 measured +297 MB there).
   const int64_t widened = widens_operands(opt.engine, dtype) ? nthreads * (kGroup * kVocabBlock + d) * 4 : 0;
-  // Where dW takes VNNI-packed dZ per chunk (vnni_gradients, even D), its A operand is H^T of the whole
+  // Where dW takes VNNI-packed dZ per chunk (backward_impl's vnni_dz), its A operand is H^T of the whole
   // super-chunk in the GEMM dtype, one buffer for all threads (`ht` above): counted like the copies, against
   // the split budget only (a single super-chunk of at most 8,704 tokens holds at most 15.6 MB of it at D = 896).
-  const int64_t packed_h = need_dw && !fp32 && d % 2 == 0 && vnni_gradients(opt.engine) ? d * 2 : 0;
+  const bool vnni_dz = use_vnni(opt.engine, dtype, d) && vnni_gradients(opt.engine);
+  const int64_t packed_h = need_dw && vnni_dz ? d * 2 : 0;
   const int64_t residual = need_dw && !fp32 ? v * d : 0;
   return backward_super_chunk_tokens(n, opt, own, own + packed_h + widened, residual,
                                      fp32 ? kFloatBackwardTokens : std::numeric_limits<int64_t>::max());

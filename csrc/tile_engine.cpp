@@ -172,6 +172,11 @@ void check_engine(Engine e, at::ScalarType dtype) {
   TORCH_CHECK(why.empty(), "grpo_kernels._C: engine '", engine_name(e), "' cannot run ", dtype, " tiles here: ", why);
 }
 
+// The engines whose tile GEMM can take a VNNI-packed B (tile_gemm's b_vnni).
+static bool reads_vnni(Engine e) {
+  return e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16;
+}
+
 template <typename T>
 bool use_vnni(Engine e, int64_t d) {
   if constexpr (std::is_same_v<T, float>) {
@@ -179,10 +184,14 @@ bool use_vnni(Engine e, int64_t d) {
   } else {
     // VNNI pairs run along D in the logits GEMM, so D must be even. For ATen's brgemm AMX is what makes
     // packing pay; our AVX-512-BF16 kernel reads only packed B.
-    if (d % 2 != 0) return false;
+    if (d % 2 != 0 || !reads_vnni(e)) return false;
     if (e == Engine::kAvx512Bf16) return std::is_same_v<T, at::BFloat16>;
-    return (e == Engine::kBrgemmVnni || e == Engine::kAmx) && has_amx(c10::CppTypeToScalarType<T>::value);
+    return has_amx(c10::CppTypeToScalarType<T>::value);
   }
+}
+
+bool use_vnni(Engine e, at::ScalarType dtype, int64_t d) {
+  return dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(e, d) : dtype == at::kHalf ? use_vnni<at::Half>(e, d) : false;
 }
 
 bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni || e == Engine::kAvx512Bf16; }
@@ -195,7 +204,7 @@ bool vnni_chunk_gradients(Engine e, int64_t d) {
 template <typename T>
 void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                const T* b, float* c, bool b_vnni) {
-  TORCH_INTERNAL_ASSERT(!b_vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16);
+  TORCH_INTERNAL_ASSERT(!b_vnni || reads_vnni(e));
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (e == Engine::kAmx && b_vnni) return amx::gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
     if (e == Engine::kAvx512Bf16 && b_vnni)
@@ -267,9 +276,7 @@ static double tile_gflops_impl(Engine e, int64_t m, int64_t n, int64_t k, int64_
 
 std::string gemm_path(at::ScalarType dtype, int64_t d, Engine engine) {
   check_engine(engine, dtype);
-  const bool vnni = dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(engine, d)
-                    : dtype == at::kHalf   ? use_vnni<at::Half>(engine, d)
-                                           : false;
+  const bool vnni = use_vnni(engine, dtype, d);
   return std::string(engine_name(engine)) + (!vnni ? "/plain" : engine == Engine::kAvx512Bf16 ? "/vnni" : "/amx-vnni");
 }
 
@@ -301,8 +308,7 @@ void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Ten
   TORCH_CHECK(a.stride(1) == 1 && c.stride(1) == 1, "tile_gemm_check: a and c must have unit column stride");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   TORCH_CHECK(!vnni || (dt != at::kFloat && k % 2 == 0), "tile_gemm_check: VNNI operands take 16-bit inputs and an even k");
-  TORCH_CHECK(!vnni || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16,
-              "tile_gemm_check: engine '", engine_name(e), "' takes no VNNI operands");
+  TORCH_CHECK(!vnni || reads_vnni(e), "tile_gemm_check: engine '", engine_name(e), "' takes no VNNI operands");
   // B as the kernels hand it over: row-major with a padded leading dimension, or VNNI pair rows
   const int64_t ldb = n + 3;
   at::Tensor bp;

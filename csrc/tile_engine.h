@@ -58,6 +58,8 @@ bool has_amx(at::ScalarType dtype);
 // avx512-bf16 (which reads nothing else).
 template <typename T>
 bool use_vnni(Engine e, int64_t d);
+// The same for a runtime dtype (fp32: never).
+bool use_vnni(Engine e, at::ScalarType dtype, int64_t d);
 
 // Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ per token chunk too, given that
 // its logits GEMM takes VNNI operands: brgemm-vnni and avx512-bf16 (whose plain-operand calls would run
