@@ -86,6 +86,19 @@ def test_engine_tile_gemm_matches_float64(engine, dtype, m, n, k, add, seed):
     assert torch.equal(buf[:, n:], before[:, n:]), f"{engine}: wrote past column {n} of C"
 
 
+def test_engine_tile_gemm_check_rejects_what_no_engine_takes():
+    """The test entry refuses VNNI operands for an engine that reads none, an odd K in pairs, and mismatched
+    shapes, naming what is wrong, before any GEMM runs."""
+    ext = cpu._ext()
+    a, b, c = torch.randn(4, 6).bfloat16(), torch.randn(6, 5).bfloat16(), torch.zeros(4, 5)
+    with pytest.raises(RuntimeError, match="takes no VNNI operands"):
+        ext.tile_gemm_check("brgemm", a, b, c, False, True)
+    with pytest.raises(RuntimeError, match="even k"):
+        ext.tile_gemm_check("brgemm", a[:, :5], b[:5], c, False, True)
+    with pytest.raises(RuntimeError, match=r"a \[m, k\], b \[k, n\], c \[m, n\]"):
+        ext.tile_gemm_check("brgemm", a, b[:5], c, False, False)
+
+
 @pytest.mark.parametrize("dim", [326, 896, 1030], ids=["D326", "D896", "D1030"])
 @pytest.mark.parametrize("engine", VNNI_KERNELS)
 def test_vnni_kernel_k_slices_and_ragged_edges(engine, dim, seed, monkeypatch):
