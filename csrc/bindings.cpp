@@ -138,5 +138,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "c (+)= a @ b through an engine's tile GEMM on one thread (b packed into VNNI pairs when vnni), for tests",
       py::arg("engine"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("add"), py::arg("vnni"));
+  m.def(
+      "tile_gemm_flush_check",
+      [](const std::string& engine, const at::Tensor& a, const at::Tensor& b, at::Tensor out,
+         const c10::optional<at::Tensor>& lo, bool first, bool vnni) {
+        py::gil_scoped_release no_gil;
+        return grpo_kernels::tile_gemm_flush_check(grpo_kernels::parse_engine(engine), a, b, out, lo, first, vnni);
+      },
+      "out (+ residual lo) (+)= a @ b through an engine's dW step on one thread; returns the engine's fp32 a @ b",
+      py::arg("engine"), py::arg("a"), py::arg("b"), py::arg("out"), py::arg("lo"), py::arg("first"), py::arg("vnni"));
   m.def("num_threads", [] { return at::get_num_threads(); });
 }

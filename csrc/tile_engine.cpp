@@ -5,6 +5,7 @@
 
 #include "amx_gemm.h"
 #include "avx512_bf16_gemm.h"
+#include "dw_accumulator.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -298,18 +299,19 @@ double tile_gflops(Engine e, at::ScalarType dtype, int64_t d, int64_t reps) {
   return tile_gemm_gflops(e, dtype, 256, 256, d, d, 256, false, reps);
 }
 
-void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni) {
+namespace {
+// The checks' common part: the operands validated, and B as the kernels hand it over (row-major with a padded
+// leading dimension, or VNNI pair rows) with that leading dimension.
+std::pair<at::Tensor, int64_t> check_operands(const char* what, Engine e, const at::Tensor& a, const at::Tensor& b,
+                                              bool vnni) {
   const at::ScalarType dt = a.scalar_type();
   check_engine(e, dt);
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
-                  c.size(1) == b.size(1),
-              "tile_gemm_check: a [m, k], b [k, n], c [m, n]");
-  TORCH_CHECK(b.scalar_type() == dt && c.scalar_type() == at::kFloat, "tile_gemm_check: a, b of one dtype, c fp32");
-  TORCH_CHECK(a.stride(1) == 1 && c.stride(1) == 1, "tile_gemm_check: a and c must have unit column stride");
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  TORCH_CHECK(!vnni || (dt != at::kFloat && k % 2 == 0), "tile_gemm_check: VNNI operands take 16-bit inputs and an even k");
-  TORCH_CHECK(!vnni || reads_vnni(e), "tile_gemm_check: engine '", engine_name(e), "' takes no VNNI operands");
-  // B as the kernels hand it over: row-major with a padded leading dimension, or VNNI pair rows
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), what, ": a [m, k], b [k, n]");
+  TORCH_CHECK(b.scalar_type() == dt, what, ": a, b of one dtype");
+  TORCH_CHECK(a.stride(1) == 1, what, ": a must have unit column stride");
+  const int64_t k = a.size(1), n = b.size(1);
+  TORCH_CHECK(!vnni || (dt != at::kFloat && k % 2 == 0), what, ": VNNI operands take 16-bit inputs and an even k");
+  TORCH_CHECK(!vnni || reads_vnni(e), what, ": engine '", engine_name(e), "' takes no VNNI operands");
   const int64_t ldb = n + 3;
   at::Tensor bp;
   if (vnni) {
@@ -320,18 +322,55 @@ void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Ten
     bp = at::zeros({k, ldb}, b.options());
     bp.narrow(1, 0, n).copy_(b);
   }
-  auto run = [&](auto tag) {
+  return {bp, ldb};
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dt, F&& f) {
+  if (dt == at::kFloat)
+    f(float{});
+  else if (dt == at::kBFloat16)
+    f(at::BFloat16{});
+  else
+    f(at::Half{});
+}
+}  // namespace
+
+void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni) {
+  const auto [bp, ldb] = check_operands("tile_gemm_check", e, a, b, vnni);
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == a.size(0) && c.size(1) == b.size(1) && c.scalar_type() == at::kFloat &&
+                  c.stride(1) == 1,
+              "tile_gemm_check: c [m, n] fp32 with unit column stride");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  dispatch_dtype(a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     tile_gemm<T>(e, m, n, k, a.stride(0), ldb, c.stride(0), add, a.data_ptr<T>(), bp.data_ptr<T>(), c.data_ptr<float>(),
                  vnni);
     release(e);
-  };
-  if (dt == at::kFloat)
-    run(float{});
-  else if (dt == at::kBFloat16)
-    run(at::BFloat16{});
-  else
-    run(at::Half{});
+  });
+}
+
+at::Tensor tile_gemm_flush_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                                 const c10::optional<at::Tensor>& lo, bool first, bool vnni) {
+  const auto [bp, ldb] = check_operands("tile_gemm_flush_check", e, a, b, vnni);
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.is_contiguous() &&
+                  out.scalar_type() == a.scalar_type(),
+              "tile_gemm_flush_check: out [m, n], contiguous, of a's dtype");
+  TORCH_CHECK(!lo || (lo->scalar_type() == at::kChar && lo->sizes() == out.sizes() && lo->is_contiguous()),
+              "tile_gemm_flush_check: lo int8 like out, contiguous");
+  TORCH_CHECK(!lo || a.scalar_type() != at::kFloat, "tile_gemm_flush_check: an fp32 out keeps no residual");
+  TORCH_CHECK(first || lo || a.scalar_type() == at::kFloat,
+              "tile_gemm_flush_check: adding into a 16-bit out needs its residual lo");
+  at::Tensor c = at::empty({m, n}, a.options().dtype(at::kFloat));
+  dispatch_dtype(a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    // the fp32 product as the engine's own GEMM forms it, for the caller to add by the accumulator's rule
+    tile_gemm<T>(e, m, n, k, a.stride(0), ldb, n, false, a.data_ptr<T>(), bp.data_ptr<T>(), c.data_ptr<float>(), vnni);
+    detail::flush_dw<T>(c.data_ptr<float>(), m * n, out.data_ptr<T>(), lo ? lo->data_ptr<int8_t>() : nullptr, first);
+    release(e);
+  });
+  return c;
 }
 
 #define GRPO_INSTANTIATE(T)                                                                                       \

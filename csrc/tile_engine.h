@@ -110,4 +110,10 @@ double tile_gemm_gflops(Engine e, at::ScalarType dtype, int64_t m, int64_t n, in
 // against a float64 matmul at ragged shapes.
 void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni);
 
+// The one pass's dW step on one thread: the fp32 product a [m, k] b [k, n] from the engine's tile_gemm (b as in
+// tile_gemm_check), added into out (+ its int8 residual lo; `first` writes) by flush_dw. Returns the product, so
+// that a test can apply the accumulator's rule to it and require the very bits flush_dw stored.
+at::Tensor tile_gemm_flush_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                                 const c10::optional<at::Tensor>& lo, bool first, bool vnni);
+
 }  // namespace grpo_kernels

@@ -95,8 +95,85 @@ def test_engine_tile_gemm_check_rejects_what_no_engine_takes():
         ext.tile_gemm_check("brgemm", a, b, c, False, True)
     with pytest.raises(RuntimeError, match="even k"):
         ext.tile_gemm_check("brgemm", a[:, :5], b[:5], c, False, True)
-    with pytest.raises(RuntimeError, match=r"a \[m, k\], b \[k, n\], c \[m, n\]"):
+    with pytest.raises(RuntimeError, match=r"a \[m, k\], b \[k, n\]"):
         ext.tile_gemm_check("brgemm", a, b[:5], c, False, False)
+    with pytest.raises(RuntimeError, match=r"c \[m, n\] fp32"):
+        ext.tile_gemm_check("brgemm", a, b, c[:, :4], False, False)
+    with pytest.raises(RuntimeError, match="needs its residual"):
+        ext.tile_gemm_flush_check("brgemm", a, b, torch.zeros(4, 5).bfloat16(), None, False, False)
+    with pytest.raises(RuntimeError, match="lo int8 like out"):
+        ext.tile_gemm_flush_check("brgemm", a, b, torch.zeros(4, 5).bfloat16(), torch.zeros(4, 4, dtype=torch.int8),
+                                  True, False)
+
+
+def _compensated_add(hi: torch.Tensor, lo: torch.Tensor | None, tile: torch.Tensor, first: bool):
+    """The dW accumulator's rule (csrc/dw_accumulator.h), decoded here independently: a 16-bit dW is hi plus an
+    int8 residual in units of ulp(hi) / 256 (bf16: 2^(max(e, 1) - 15 - 127) for hi's float exponent field e; fp16:
+    2^(max(e, 113) - 18 - 127)); adding an fp32 tile rounds hi + residual + tile to nearest even and keeps the
+    rest, rounded to nearest even and clamped to +-127 units, as the new residual. fp32: a plain add."""
+    if hi.dtype == torch.float32:
+        return (tile.clone() if first else hi + tile), None
+    min_field, shift = (1, 15) if hi.dtype == torch.bfloat16 else (113, 18)
+
+    def field(h: torch.Tensor) -> torch.Tensor:
+        return ((h.view(torch.int32) >> 23) & 0xFF).clamp(min=min_field) - shift
+
+    def pow2(f: torch.Tensor) -> torch.Tensor:  # 2^(f - 127) where f > 0, else 0
+        return torch.where(f > 0, (f.clamp(min=1) << 23).view(torch.float32), torch.zeros(f.shape))
+
+    full = tile if first else (hi.float() + lo.float() * pow2(field(hi.float()))) + tile
+    new_hi = full.to(hi.dtype)
+    if lo is None:
+        return new_hi, None
+    h = new_hi.float()
+    uf = field(h)
+    q = torch.where(uf > 0, torch.round((full - h) * pow2(254 - uf)), torch.zeros(h.shape))
+    return new_hi, q.clamp(-127, 127).to(torch.int8)
+
+
+# (m, n, k): row and column tails of the engines' blocks and of flush_dw's 16- and 8-lane loops (its scalar tail),
+# K across a slice boundary (avx512-bf16 slices 512), the one pass's own block shape (256 vocab rows x D x 256 tokens).
+FLUSH_SHAPES = [(1, 5, 2), (5, 17, 34), (7, 100, 256), (13, 64, 512), (6, 130, 514), (256, 896, 256)]
+
+
+@pytest.mark.parametrize("state", ["first", "first-no-residual", "add"])
+@pytest.mark.parametrize("m, n, k", FLUSH_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in FLUSH_SHAPES])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_dw_step_is_its_gemm_then_the_compensated_add(engine, dtype, m, n, k, state, seed):
+    """The one pass's dW step (the engine's GEMM into fp32, then flush_dw) stores exactly the bits of that product
+    added into dW and its int8 residual by the accumulator's rule, decoded here independently, from a dW state that
+    is not zero, and writes nothing past either."""
+    dt = DTYPES[dtype]
+    why = cpu_engines.unavailable(engine, dt)
+    if why is not None:
+        pytest.skip(f"engine {engine} cannot run {dt} here: {why}")
+    if dt == torch.float32 and state == "first-no-residual":
+        pytest.skip("an fp32 dW keeps no residual: the 'first' case is this one")
+    vnni = dt != torch.float32 and engine in ("brgemm-vnni",) + VNNI_KERNELS
+    a = torch.randn(m, k + 5)[:, :k].to(dt)  # rows k + 5 apart
+    b = torch.randn(k, n).to(dt)
+    # an earlier chunk's dW and its residual, each followed by 64 guard elements that must stay untouched
+    out_buf = (4 * torch.randn(m * n + 64)).to(dt)
+    out = out_buf[: m * n].view(m, n)
+    lo_buf = None if dt == torch.float32 or state == "first-no-residual" else torch.randint(-127, 128, (m * n + 64,), dtype=torch.int8)
+    lo = None if lo_buf is None else lo_buf[: m * n].view(m, n)
+    hi0, lo0 = out.clone(), None if lo is None else lo.clone()
+    guards = [buf[m * n :].clone() for buf in (out_buf, lo_buf) if buf is not None]
+    first = state != "add"
+    c = cpu._ext().tile_gemm_flush_check(engine, a, b, out, lo, first, vnni)
+    # the product is the GEMM's (a wrong or missing one is O(1) off)
+    exact = a.double() @ b.double()
+    assert bool(((c.double() - exact).abs() <= 2e-5 * (a.double().abs() @ b.double().abs()) + 1e-6).all())
+    want_hi, want_lo = _compensated_add(hi0, lo0, c, first)
+    bits = torch.int16 if dt != torch.float32 else torch.int32
+    diff = (out.view(bits) != want_hi.view(bits)).nonzero()
+    assert diff.numel() == 0, f"{engine} {dtype}: dW differs at {diff[:4].tolist()} ({diff.shape[0]} elements)"
+    if lo is not None:
+        diff = (lo != want_lo).nonzero()
+        assert diff.numel() == 0, f"{engine} {dtype}: residual differs at {diff[:4].tolist()} ({diff.shape[0]} elements)"
+    for buf, guard in zip((out_buf, lo_buf), guards):
+        assert torch.equal(buf[m * n :], guard), f"{engine} {dtype}: wrote past the end of dW or its residual"
 
 
 @pytest.mark.parametrize("dim", [326, 896, 1030], ids=["D326", "D896", "D1030"])
