@@ -12,7 +12,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
                   c10::optional<at::Tensor> ent_out, uint8_t* kept = nullptr) {
   const Problem<T> pr(h, w, b, t, opt);
   const int64_t N = pr.N, D = pr.D, V = pr.V;
-  const T *hp = pr.hp, *wp = pr.wp, *bp = pr.bp;
+  const T *wp = pr.wp, *bp = pr.bp;
   const int64_t* tp = pr.tp;
   const Engine eng = pr.eng;
   const bool vnni = pr.vnni;

@@ -30,7 +30,6 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   TORCH_INTERNAL_ASSERT(N <= kTokenChunk);
   const T* hp = h.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
-  const T* bp = b ? b->data_ptr<T>() : nullptr;
   const int64_t* tp = t.data_ptr<int64_t>();
   const bool need_dh = dh.has_value(), need_dw = dw.has_value();
   T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
