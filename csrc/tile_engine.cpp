@@ -113,9 +113,10 @@ Engine parse_engine(const std::string& name) {
   if (name == "amx") return Engine::kAmx;
   if (name == "mkl-upcast") return Engine::kMklUpcast;
   if (name == "avx512-bf16") return Engine::kAvx512Bf16;
+  if (name == "amx-emulated") return Engine::kAmxEmulated;
   TORCH_CHECK(false,
-              "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'mkl-upcast', 'atmm', 'amx' or "
-              "'avx512-bf16'; got '",
+              "grpo_kernels._C: engine must be 'brgemm', 'brgemm-vnni', 'mkl', 'mkl-upcast', 'atmm', 'amx', "
+              "'avx512-bf16' or 'amx-emulated'; got '",
               name, "'");
 }
 
@@ -128,6 +129,7 @@ const char* engine_name(Engine e) {
     case Engine::kAmx: return "amx";
     case Engine::kMklUpcast: return "mkl-upcast";
     case Engine::kAvx512Bf16: return "avx512-bf16";
+    case Engine::kAmxEmulated: return "amx-emulated";
   }
   return "?";
 }
@@ -164,6 +166,7 @@ std::string engine_unavailable(Engine e, at::ScalarType dtype) {
       if (!avx512bf16::compiled)
         return "this build of grpo_kernels._C has no AVX-512-BF16 kernel (compiler without avx512bf16)";
       return avx512bf16::available() ? "" : "this CPU has no AVX-512-BF16 (vdpbf16ps), or the OS does not enable AVX-512";
+    case Engine::kAmxEmulated: return dtype == at::kBFloat16 ? "" : "the emulated AMX kernel runs bf16 tiles only";
   }
   return "unknown engine";
 }
@@ -173,9 +176,12 @@ void check_engine(Engine e, at::ScalarType dtype) {
   TORCH_CHECK(why.empty(), "grpo_kernels._C: engine '", engine_name(e), "' cannot run ", dtype, " tiles here: ", why);
 }
 
+// The amx engine's kernel, on the hardware tiles or on the emulated ones: the same schedule branches.
+static bool amx_kernel(Engine e) { return e == Engine::kAmx || e == Engine::kAmxEmulated; }
+
 // The engines whose tile GEMM can take a VNNI-packed B (tile_gemm's b_vnni).
 static bool reads_vnni(Engine e) {
-  return e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16;
+  return e == Engine::kBrgemmVnni || amx_kernel(e) || e == Engine::kAvx512Bf16;
 }
 
 template <typename T>
@@ -186,7 +192,7 @@ bool use_vnni(Engine e, int64_t d) {
     // VNNI pairs run along D in the logits GEMM, so D must be even. For ATen's brgemm AMX is what makes
     // packing pay; our AVX-512-BF16 kernel reads only packed B.
     if (d % 2 != 0 || !reads_vnni(e)) return false;
-    if (e == Engine::kAvx512Bf16) return std::is_same_v<T, at::BFloat16>;
+    if (e == Engine::kAvx512Bf16 || e == Engine::kAmxEmulated) return std::is_same_v<T, at::BFloat16>;
     return has_amx(c10::CppTypeToScalarType<T>::value);
   }
 }
@@ -199,7 +205,7 @@ bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni || e == Engine::
 
 template <typename T>
 bool vnni_chunk_gradients(Engine e, int64_t d) {
-  return (e == Engine::kAmx || e == Engine::kAvx512Bf16) && use_vnni<T>(e, d);
+  return (amx_kernel(e) || e == Engine::kAvx512Bf16) && use_vnni<T>(e, d);
 }
 
 template <typename T>
@@ -207,12 +213,13 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
                const T* b, float* c, bool b_vnni) {
   TORCH_INTERNAL_ASSERT(!b_vnni || reads_vnni(e));
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (e == Engine::kAmx && b_vnni) return amx::gemm(m, n, k, lda, ldb, ldc, add, a, b, c);
+    if (e == Engine::kAmx && b_vnni) return amx::gemm_hw(m, n, k, lda, ldb, ldc, add, a, b, c);
+    if (e == Engine::kAmxEmulated && b_vnni) return amx::gemm_emulated(m, n, k, lda, ldb, ldc, add, a, b, c);
     if (e == Engine::kAvx512Bf16 && b_vnni)
       return avx512bf16::gemm(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const uint16_t*>(a),
                               reinterpret_cast<const uint32_t*>(b), c);
   }
-  if (e == Engine::kAvx512Bf16) e = Engine::kBrgemm;  // plain B (odd D): ATen's brgemm
+  if (e == Engine::kAvx512Bf16 || e == Engine::kAmxEmulated) e = Engine::kBrgemm;  // plain B: ATen's brgemm
   if (e == Engine::kAmx) {
     // plain B (the one-pass chunk's GEMMs, odd D): ATen's brgemm, which must reload its tile configuration
     at::native::cpublas::brgemm_release(true);
@@ -239,7 +246,7 @@ void tile_gemm(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t l
 }
 
 void release(Engine e) {
-  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || e == Engine::kAmx || e == Engine::kAvx512Bf16)
+  if (e == Engine::kBrgemm || e == Engine::kBrgemmVnni || amx_kernel(e) || e == Engine::kAvx512Bf16)
     at::native::cpublas::brgemm_release(true);
   if (e == Engine::kMklUpcast) upcast_scratch() = UpcastScratch{};
 }

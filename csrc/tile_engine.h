@@ -24,6 +24,9 @@
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
 //           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.
+// - amx-emulated: the amx engine's kernel on software tiles (amx_gemm.h's EmulatedTiles), bf16 only, on every
+//           machine, with the amx engine's operand layouts and schedule branches: a test engine, so that those run
+//           where AMX does not. Slow (scalar); never chosen, only forced.
 // - avx512-bf16: our own cache-blocked AVX-512-BF16 kernel (csrc/avx512_bf16_gemm.h), bf16 only, for CPUs with
 //           vdpbf16ps and no AMX (AMD Zen 4 / Zen 5): the amx engine's operand layout (VNNI-packed B), in every
 //           GEMM of both schedules; plain-B calls (odd D) go to ATen's brgemm.
@@ -43,7 +46,8 @@ enum class Engine : int64_t {
   kBrgemmVnni = 3,
   kAmx = 4,
   kMklUpcast = 5,
-  kAvx512Bf16 = 6
+  kAvx512Bf16 = 6,
+  kAmxEmulated = 7
 };
 
 Engine parse_engine(const std::string& name);

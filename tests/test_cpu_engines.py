@@ -19,11 +19,12 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="the C++ extension grpo_
 if HAS_CPU_EXT:
     from grpo_kernels.backends import cpu, cpu_engines
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16", "amx-emulated")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = "GRPO_KERNELS_CPU_ENGINE"
-# our own kernels, which read B in VNNI pairs (amx_gemm.h, avx512_bf16_gemm.h)
-VNNI_KERNELS = ("amx", "avx512-bf16")
+# our own kernels, which read B in VNNI pairs (amx_gemm.h, avx512_bf16_gemm.h); amx-emulated runs the amx kernel
+# on software tiles, so that its code and the schedules' amx branches are tested on every machine
+VNNI_KERNELS = ("amx", "amx-emulated", "avx512-bf16")
 
 
 def force(monkeypatch, engine: str, dtype: torch.dtype) -> None:
@@ -181,11 +182,11 @@ def test_engine_dw_step_is_its_gemm_then_the_compensated_add(engine, dtype, m, n
 def test_vnni_kernel_k_slices_and_ragged_edges(engine, dim, seed, monkeypatch):
     """Our VNNI kernels at D with K slices and a K tail (326 = 256 + 64 + 6 for amx; 1030 = 512 + 512 + 6 for
     avx512-bf16) or the benchmarks' D, with vocab and token counts off multiples of 32 (amx runs its ragged edges on
-    ATen's brgemm, avx512-bf16 on narrower strips and masked column vectors of its own)."""
+    ATen's brgemm (amx-emulated: a plain loop), avx512-bf16 on narrower strips and masked column vectors of its own)."""
     from test_linear_logprobs import ALL, Case, check_case
 
     force(monkeypatch, engine, torch.bfloat16)
-    assert cpu.gemm_path(torch.bfloat16, dim) in ("amx/amx-vnni", "avx512-bf16/vnni")
+    assert cpu.gemm_path(torch.bfloat16, dim) in ("amx/amx-vnni", "amx-emulated/amx-vnni", "avx512-bf16/vnni")
     check_case("cpu", Case((3, 67), 1000, dim, torch.bfloat16, ignore="some", **ALL))
 
 
@@ -316,7 +317,7 @@ def test_engine_that_cannot_run_the_dtype_is_rejected_with_the_reason(monkeypatc
 def test_probe_measures_every_runnable_engine(dtype):
     dt = DTYPES[dtype]
     rates = cpu_engines.probe(dt)
-    assert set(rates) == set(cpu_engines.available_engines(dt)) and "brgemm" in rates
+    assert set(rates) == set(cpu_engines.available_engines(dt)) - set(cpu_engines.TEST_ENGINES) and "brgemm" in rates
     assert all(r > 0 for r in rates.values())
 
 
@@ -342,3 +343,17 @@ def test_amx_engine_names_why_it_cannot_run():
         assert "bf16 tiles only" in cpu_engines.unavailable("amx", dt)
     why = cpu_engines.unavailable("amx", torch.bfloat16)
     assert why is None or "AMX" in why
+
+
+def test_emulated_amx_engine_runs_everywhere_and_is_never_chosen(monkeypatch):
+    """amx-emulated runs bf16 tiles on every machine, with the amx engine's operand layout (VNNI pairs at an even D,
+    the plain path at an odd one), and is only ever forced: neither the probe nor the default selection takes it."""
+    for dt in (torch.float32, torch.float16):
+        assert "bf16 tiles only" in cpu_engines.unavailable("amx-emulated", dt)
+    assert cpu_engines.unavailable("amx-emulated", torch.bfloat16) is None
+    assert cpu_engines.gemm_path(torch.bfloat16, 896, "amx-emulated") == "amx-emulated/amx-vnni"
+    assert cpu_engines.gemm_path(torch.bfloat16, 33, "amx-emulated") == "amx-emulated/plain"
+    monkeypatch.delenv(ENV, raising=False)
+    assert cpu_engines.selection(torch.bfloat16)[0] != "amx-emulated"
+    monkeypatch.setenv(ENV, "bf16=amx-emulated")
+    assert cpu_engines.selection(torch.bfloat16) == ("amx-emulated", f"forced by {ENV}")

@@ -1,6 +1,6 @@
 """Which tile-GEMM engine the C++ CPU kernels run, per input dtype.
 
-The kernels' GEMMs go through one interface (csrc/tile_engine.h) with seven engines:
+The kernels' GEMMs go through one interface (csrc/tile_engine.h) with seven engines, and one for tests:
 
 - ``brgemm``: ATen's ``cpublas::brgemm`` on plain row-major operands; for 16-bit inputs ATen then runs
   its full 16-bit x 16-bit -> fp32 GEMM (its own packing and blocking). Runs every dtype.
@@ -21,6 +21,10 @@ The kernels' GEMMs go through one interface (csrc/tile_engine.h) with seven engi
   Zen 4 / Zen 5). Every GEMM of both schedules takes VNNI operands on it; an odd hidden size takes the plain
   path (ATen's brgemm). Measured on AMD EPYC Zen 5 (2 threads): 949-999 GFLOP/s at the kernels' tile
   shapes against 204-215 for ``brgemm``, ``mkl`` and ``mkl-upcast``, and 905 for torch's own bf16 matmul.
+- ``amx-emulated`` (tests): the ``amx`` engine's kernel on software tiles, bf16 only, on every machine,
+  taking every branch the schedules take for ``amx`` (VNNI operands, the one-pass VNNI gradients, the
+  two-pass whole-group plain GEMMs), so those are tested where AMX is not. Scalar and slow: never chosen
+  nor probed, only forced (``GRPO_KERNELS_CPU_ENGINE=bf16=amx-emulated``).
 
 Every engine writes fp32 logits tiles, so the choice changes speed, never the accuracy class.
 
@@ -60,7 +64,9 @@ import torch
 
 from . import cpu_extension
 
-ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16")
+ENGINES = ("brgemm", "brgemm-vnni", "mkl", "mkl-upcast", "atmm", "amx", "avx512-bf16", "amx-emulated")
+# engines for tests only: runnable everywhere, never probed nor chosen
+TEST_ENGINES = ("amx-emulated",)
 ENV_VAR = "GRPO_KERNELS_CPU_ENGINE"
 _DTYPE_KEYS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PROBE_D = 896  # the Qwen2.5-0.5B hidden size the benchmarks use; the ranking does not hinge on it
@@ -117,9 +123,10 @@ WIDEN_MARGIN = 1.10
 
 
 def probe(dtype: torch.dtype) -> dict[str, float]:
-    """GFLOP/s of every runnable engine on the forward's tile (all threads at once), measured now."""
+    """GFLOP/s of every runnable engine but the test engines on the forward's tile (all threads at once),
+    measured now."""
     ext = _ext()
-    return {e: ext.tile_gflops(e, dtype, _PROBE_D, _PROBE_REPS) for e in available_engines(dtype)}
+    return {e: ext.tile_gflops(e, dtype, _PROBE_D, _PROBE_REPS) for e in available_engines(dtype) if e not in TEST_ENGINES}
 
 
 @functools.lru_cache(maxsize=None)
