@@ -13,3 +13,5 @@ python benchmarks/run.py --ops logprobs_fwd --dtypes bf16 fp32 --sizes 1024 4096
 python benchmarks/run.py --ops grpo_fwd_bwd --dtypes bf16 --sizes 8x512 --providers ours cce --repeats 2 --out $D/grpo_bf16_epilogue.json > $D/grpo_bf16_epilogue.log 2>&1
 python benchmarks/accuracy.py --dtypes bf16 > $D/accuracy_bf16.md 2>&1  # at b91134f
 python benchmarks/tile_gemm_bench.py --out $D/tile_gemm_bench.json > $D/tile_gemm_bench.log 2>&1  # at 56e64ac
+# Rerun at 31da4b0 (after amx-emulated; the avx512-bf16 paths unchanged), 2026-12-06 evening:
+python benchmarks/run.py --ops grpo_fwd_bwd --dtypes bf16 --sizes 8x512 --providers ours cce liger materialize trl-chunked --repeats 2 --out $D/grpo_bf16_head.json > $D/grpo_bf16_head.log 2>&1
