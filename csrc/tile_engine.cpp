@@ -331,35 +331,30 @@ std::pair<at::Tensor, int64_t> check_operands(const char* what, Engine e, const 
   }
   return {bp, ldb};
 }
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dt, F&& f) {
-  if (dt == at::kFloat)
-    f(float{});
-  else if (dt == at::kBFloat16)
-    f(at::BFloat16{});
-  else
-    f(at::Half{});
-}
 }  // namespace
 
 void tile_gemm_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool add, bool vnni) {
-  const auto [bp, ldb] = check_operands("tile_gemm_check", e, a, b, vnni);
+  // not a structured binding: C++17 lambdas cannot capture one
+  const std::pair<at::Tensor, int64_t> operands = check_operands("tile_gemm_check", e, a, b, vnni);
+  const at::Tensor& bp = operands.first;
+  const int64_t ldb = operands.second;
   TORCH_CHECK(c.dim() == 2 && c.size(0) == a.size(0) && c.size(1) == b.size(1) && c.scalar_type() == at::kFloat &&
                   c.stride(1) == 1,
               "tile_gemm_check: c [m, n] fp32 with unit column stride");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  dispatch_dtype(a.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    tile_gemm<T>(e, m, n, k, a.stride(0), ldb, c.stride(0), add, a.data_ptr<T>(), bp.data_ptr<T>(), c.data_ptr<float>(),
-                 vnni);
+  GRPO_DISPATCH(a.scalar_type(), [&] {
+    tile_gemm<scalar_t>(e, m, n, k, a.stride(0), ldb, c.stride(0), add, a.data_ptr<scalar_t>(), bp.data_ptr<scalar_t>(),
+                        c.data_ptr<float>(), vnni);
     release(e);
   });
 }
 
 at::Tensor tile_gemm_flush_check(Engine e, const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                                  const c10::optional<at::Tensor>& lo, bool first, bool vnni) {
-  const auto [bp, ldb] = check_operands("tile_gemm_flush_check", e, a, b, vnni);
+  // not a structured binding: C++17 lambdas cannot capture one
+  const std::pair<at::Tensor, int64_t> operands = check_operands("tile_gemm_flush_check", e, a, b, vnni);
+  const at::Tensor& bp = operands.first;
+  const int64_t ldb = operands.second;
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.is_contiguous() &&
                   out.scalar_type() == a.scalar_type(),
@@ -370,11 +365,12 @@ at::Tensor tile_gemm_flush_check(Engine e, const at::Tensor& a, const at::Tensor
   TORCH_CHECK(first || lo || a.scalar_type() == at::kFloat,
               "tile_gemm_flush_check: adding into a 16-bit out needs its residual lo");
   at::Tensor c = at::empty({m, n}, a.options().dtype(at::kFloat));
-  dispatch_dtype(a.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
+  GRPO_DISPATCH(a.scalar_type(), [&] {
     // the fp32 product as the engine's own GEMM forms it, for the caller to add by the accumulator's rule
-    tile_gemm<T>(e, m, n, k, a.stride(0), ldb, n, false, a.data_ptr<T>(), bp.data_ptr<T>(), c.data_ptr<float>(), vnni);
-    detail::flush_dw<T>(c.data_ptr<float>(), m * n, out.data_ptr<T>(), lo ? lo->data_ptr<int8_t>() : nullptr, first);
+    tile_gemm<scalar_t>(e, m, n, k, a.stride(0), ldb, n, false, a.data_ptr<scalar_t>(), bp.data_ptr<scalar_t>(),
+                        c.data_ptr<float>(), vnni);
+    detail::flush_dw<scalar_t>(c.data_ptr<float>(), m * n, out.data_ptr<scalar_t>(),
+                               lo ? lo->data_ptr<int8_t>() : nullptr, first);
     release(e);
   });
   return c;
