@@ -13,6 +13,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/cpu_targets.sh OUTDIR}
 mkdir -p "$OUT"
 PEERS="cce liger materialize trl-chunked"
+# the race is against every peer: without one installed its verdict could only be "not measured"
+python -c "import cut_cross_entropy, liger_kernel, trl" 2>/dev/null || {
+  echo "cpu_targets: the peers are not all installed; first: pip install -e '.[peers,trl]' (with --no-build-isolation)" >&2
+  exit 2
+}
 
 { lscpu; echo; echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"; } > "$OUT/machine.txt"
 python - > "$OUT/engines.txt" <<'PY'

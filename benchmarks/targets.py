@@ -7,7 +7,8 @@
 
 Every ratio is ours against the GEMM floor that ``run.py`` timed in the same invocation:
 
-- ``grpo_fwd_bwd``: ours <= 1.25x the three-GEMM floor, and faster than every peer timed in the same run;
+- ``grpo_fwd_bwd``: ours <= 1.25x the three-GEMM floor, and faster than every peer in the same run (a peer in the
+  file that was not timed, e.g. not installed, leaves that verdict "not measured" unless a timed peer beat us);
 - ``logprobs_fwd``: ours <= 1.10x the one-GEMM floor, at every N;
 - ``logprobs_fwd_bwd``: ours <= 1.30x four GEMMs, at every N. Under autograd the backward recomputes the logits,
   so the floor is the op's three-GEMM floor plus the forward's one-GEMM floor of the same dtype and N (from a
@@ -120,9 +121,12 @@ def judge(cases: dict[Case, dict[str, dict]]) -> list[Verdict]:
                 best, t_best = min(timed.items(), key=lambda kv: kv[1])
                 missing = sorted(p for p, t in peers.items() if t is None)
                 note = f"; not timed: {', '.join(missing)}" if missing else ""
+                # a peer that was not timed (not installed, failed, timed out) may be the fastest: behind a timed
+                # peer is a miss whatever the others did, ahead of the timed ones is not yet "met"
+                verdict = "missed" if ours >= t_best else "not measured" if missing else "met"
                 out.append(Verdict("loss ahead of every peer", dtype, _label(size),
                                    f"ours {ours:.3g} s, fastest peer {best} {t_best:.3g} s{note}", "faster than each",
-                                   "met" if ours < t_best else "missed"))
+                                   verdict))
         elif op == "logprobs_fwd":
             out.append(_ratio_verdict("forward", dtype, size, ours, _floor(recs), FORWARD_MAX, "1 GEMM"))
         elif op == "logprobs_fwd_bwd":

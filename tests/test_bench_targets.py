@@ -47,7 +47,7 @@ def test_loss_ratio_peers_and_memory(tmp_path):
         rec("grpo_fwd_bwd", "bf16", [8, 512], "gemm-floor", 4.0),
         rec("grpo_fwd_bwd", "bf16", [8, 512], "ours", 4.8, extra_mb=300),  # 1.20x: met; +300 MB: missed
         rec("grpo_fwd_bwd", "bf16", [8, 512], "cce", 4.7),  # a peer ahead of us
-        rec("grpo_fwd_bwd", "bf16", [8, 512], "liger", None),  # not installed: listed, not judged
+        rec("grpo_fwd_bwd", "bf16", [8, 512], "liger", None),  # not installed: cannot save a verdict a timed peer lost
         rec("grpo_fwd_bwd", "fp32", [8, 512], "gemm-floor", 4.0),
         rec("grpo_fwd_bwd", "fp32", [8, 512], "ours", 5.2),  # 1.30x: missed
         rec("grpo_fwd_bwd", "fp32", [8, 512], "cce", 5.3),
@@ -59,6 +59,23 @@ def test_loss_ratio_peers_and_memory(tmp_path):
     assert v[("loss", "bf16", "8x512")] == "met"
     assert v[("loss ahead of every peer", "bf16", "8x512")] == "missed"
     assert v[("memory (grpo_fwd_bwd)", "bf16", "8x512")] == "missed"
+
+
+def test_an_untimed_peer_leaves_the_race_unmeasured(tmp_path):
+    f = write(tmp_path, "grpo.json", [
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "gemm-floor", 4.0),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "ours", 4.2),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "materialize", 8.0),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "cce", None),  # not installed: it might have been the fastest
+    ])
+    assert verdicts(f)[("loss ahead of every peer", "fp32", "8x512")] == "not measured"
+    timed = write(tmp_path, "grpo2.json", [
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "gemm-floor", 4.0),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "ours", 4.2),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "materialize", 8.0),
+        rec("grpo_fwd_bwd", "fp32", [8, 512], "cce", 4.3),
+    ])
+    assert verdicts(timed)[("loss ahead of every peer", "fp32", "8x512")] == "met"
 
 
 def test_forward_backward_counts_four_gemms_from_the_forward_run(tmp_path):
