@@ -61,7 +61,7 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
     std::vector<T> dzt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kLd));
     std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
     std::vector<T> w_pairs(vnni && need_dh ? static_cast<size_t>((kGroup * kVocabBlock + 1) * D) : 0);
-    std::vector<float> dw_tile(need_dw ? static_cast<size_t>(kVocabBlock * D) : 0);
+    std::vector<float> dw_tile(need_dw && !std::is_same_v<T, float> ? static_cast<size_t>(kVocabBlock * D) : 0);
     std::vector<float> db_rows;
     for (int64_t tid = t0; tid < t1; ++tid) {
       float* my_dh = need_dh ? dh_acc.data() + tid * N * D : nullptr;
@@ -87,7 +87,11 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
               }
               a = dzt.data();
             }
-            if (need_dw) {
+            if constexpr (std::is_same_v<T, float>) {
+              // fp32: the GEMM adds the block's dW into dW itself (flush_dw's fp32 rule is dW += tile), so no
+              // fp32 tile is written and re-read per block
+              if (need_dw) tile_gemm<T>(eng, vb, D, N, kLd, D, D, accumulate, a, hp, dwp + bv0 * D, false);
+            } else if (need_dw) {
               if (vnni)
                 tile_gemm<T>(eng, vb, D, kn, kLd, D, D, false, a, h_pairs.data(), dw_tile.data(), true);
               else
