@@ -62,9 +62,10 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       std::vector<T> dz_pairs(vnni_dz && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
       std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
       std::vector<float> dwt(vnni_dz && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
-      // fp32 on plain operands needs no tile: its GEMM writes dW in place
-      const bool dw_in_place = std::is_same_v<T, float> && !vnni_dz;
-      std::vector<float> dw_tile(need_dw && !dw_in_place ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D) : 0);
+      // an fp32 dW needs no tile: dw_step forms it in place (and fp32 never takes the VNNI dZ path)
+      std::vector<float> dw_tile(need_dw && !std::is_same_v<T, float>
+                                     ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D)
+                                     : 0);
       std::vector<float> db_rows;
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
@@ -115,14 +116,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
                 // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
                 // as one per block
-                if constexpr (std::is_same_v<T, float>) {
-                  // fp32: the GEMM writes (first super-chunk) or adds into dW in place, flush_dw's fp32 rule
-                  tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, si > 0, dzt.data(), hp + s0 * D, dwp + g.v0 * D, false);
-                } else {
-                  tile_gemm<T>(eng, g.rows, D, sn, s_ld, D, D, false, dzt.data(), hp + s0 * D, dw_tile.data(), false);
-                  flush_dw<T>(dw_tile.data(), g.rows * D, dwp + g.v0 * D,
-                              dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
-                }
+                dw_step<T>(eng, g.rows, D, sn, s_ld, D, dzt.data(), hp + s0 * D, false, dw_tile.data(), dwp + g.v0 * D,
+                           dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
               }
               if (need_dh && !vnni_dz) {
                 // dH^T [D, sn] += W_group^T [D, rows] dZ^T_group [rows, sn]: one call per group, so the plain GEMM

@@ -184,6 +184,23 @@ void flush_dw(const float* tile, int64_t n, T* out, int8_t* lo, bool first) {
   }
 }
 
+// The dW step of a vocabulary block or group, shared by both schedules: dW [m, n] (first: =, else +=) A [m, k]
+// B [k, n] on the engine, n = D (dW's rows are contiguous). A 16-bit dW goes through the fp32 `tile` ([m, n]) and
+// flush_dw, which keeps its int8 residual lo (_C.tile_gemm_flush_check tests that path bit for bit). An fp32 dW is
+// formed by the GEMM in place (beta = 1, no tile written and re-read: the fp32 loss went 1.12x -> 1.05x its floor
+// on AMD Zen 4), and `tile` may be null; its bits are then the engine's own summation (MKL and at::mm add dW
+// inside the GEMM, not as round(product) + dW), which the whole-op tests judge by the oracle rule.
+template <typename T>
+void dw_step(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, const T* a, const T* b, bool b_vnni,
+             float* tile, T* dw, int8_t* lo, bool first) {
+  if constexpr (std::is_same_v<T, float>) {
+    tile_gemm<T>(e, m, n, k, lda, ldb, n, !first, a, b, dw, b_vnni);
+  } else {
+    tile_gemm<T>(e, m, n, k, lda, ldb, n, false, a, b, tile, b_vnni);
+    flush_dw<T>(tile, m * n, dw, lo, first);
+  }
+}
+
 // Scales a gradient the one pass formed before grad_output g was known, in place, rounding it once:
 // fp32: out *= g. 16-bit with the residual lo the accumulator kept (n int8): out = round(g * (out + lo)),
 // the accumulated value (hi + residual is exact in fp32) times g in fp32, rounded to nearest even once.

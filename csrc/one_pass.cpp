@@ -12,9 +12,8 @@ namespace detail {
 
 // Gradient step of the one-pass schedule for one chunk of N <= kTokenChunk tokens whose exp-values
 // forward_impl kept in `kept`: per vocab block, dZ from the kept tile, dW_block = dZ^T H_chunk
-// (16-bit: an fp32 tile, flushed into dW and its residual at once; fp32: added into dW by the GEMM itself,
-// which measured 1.05x the floor against 1.12x through a tile on AMD Zen 4) and, per group of blocks,
-// dH_chunk += dZ W_group. With the
+// (dw_step: 16-bit through an fp32 tile flushed into dW and its residual at once, fp32 by the GEMM in place)
+// and, per group of blocks, dH_chunk += dZ W_group. With the
 // forward's logits GEMM that is three GEMMs per token; the price is that dW (V x D, plus its int8
 // residual) is re-read and re-written once per chunk. Its GEMMs take row-major operands, except on the
 // amx engine (vnni_chunk_gradients), where H_chunk and W_group are packed into VNNI pairs so that the
@@ -63,6 +62,7 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
     std::vector<T> dzt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kLd));
     std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
     std::vector<T> w_pairs(vnni && need_dh ? static_cast<size_t>((kGroup * kVocabBlock + 1) * D) : 0);
+    // an fp32 dW needs no tile: dw_step forms it in place
     std::vector<float> dw_tile(need_dw && !std::is_same_v<T, float> ? static_cast<size_t>(kVocabBlock * D) : 0);
     std::vector<float> db_rows;
     for (int64_t tid = t0; tid < t1; ++tid) {
@@ -89,17 +89,9 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
               }
               a = dzt.data();
             }
-            if constexpr (std::is_same_v<T, float>) {
-              // fp32: the GEMM adds the block's dW into dW itself (flush_dw's fp32 rule is dW += tile), so no
-              // fp32 tile is written and re-read per block
-              if (need_dw) tile_gemm<T>(eng, vb, D, N, kLd, D, D, accumulate, a, hp, dwp + bv0 * D, false);
-            } else if (need_dw) {
-              if (vnni)
-                tile_gemm<T>(eng, vb, D, kn, kLd, D, D, false, a, h_pairs.data(), dw_tile.data(), true);
-              else
-                tile_gemm<T>(eng, vb, D, N, kLd, D, D, false, a, hp, dw_tile.data(), false);
-              flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
-            }
+            if (need_dw)
+              dw_step<T>(eng, vb, D, vnni ? kn : N, kLd, D, a, vnni ? h_pairs.data() : hp, vnni, dw_tile.data(),
+                         dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
             if (need_dh) transpose_into(a, vb, N, kLd, dz.data() + b.in_group * kVocabBlock, ldg);
           },
           [&](const VocabGroup& g) {

@@ -144,7 +144,8 @@ FLUSH_SHAPES = [(1, 5, 2), (5, 17, 34), (7, 100, 256), (13, 64, 512), (6, 130, 5
 def test_engine_dw_step_is_its_gemm_then_the_compensated_add(engine, dtype, m, n, k, state, seed):
     """The one pass's dW step (the engine's GEMM into fp32, then flush_dw) stores exactly the bits of that product
     added into dW and its int8 residual by the accumulator's rule, decoded here independently, from a dW state that
-    is not zero, and writes nothing past either."""
+    is not zero, and writes nothing past either. That is the schedules' 16-bit step (dw_step); an fp32 dW they form
+    by the GEMM in place, whose bits are the engine's own, so for fp32 this checks flush_dw's rule alone."""
     dt = DTYPES[dtype]
     why = cpu_engines.unavailable(engine, dt)
     if why is not None:
