@@ -24,7 +24,11 @@ def extensions():
         "grpo_kernels._C",
         sources=[f"csrc/{name}.cpp" for name in ("bindings", "tile_engine", "forward", "backward", "one_pass")],
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        extra_compile_args=["-O3", f"-march={arch}", "-fopenmp", "-std=c++17"],
+        # -ffp-contract=off: the forward and the backward must form each logit and z - max from the same
+        # roundings, and GCC's default (fast) fuses a * b - c into one FMA where it sees fit: at temperature
+        # 0.01 the forward's fused max came out ~1e-5 off the backward's, and dW with it. FMAs the kernels
+        # want are written as fmadd / fmsub.
+        extra_compile_args=["-O3", f"-march={arch}", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,4 +1,4 @@
-// The two-pass backward: recomputes each logits tile from the forward's lse, then dW and dH.
+// The two-pass backward: recomputes each logits tile from the forward's lse (max, log-sum), then dW and dH.
 #include "backward_loop.h"
 #include "dw_accumulator.h"
 #include "prologue.h"
@@ -24,10 +24,9 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const Partition& part = pr.part;
   const bool need_dh = dh.has_value(), need_dw = dw.has_value(), need_db = db.has_value();
   const int64_t nthreads = part.nthreads;
-  const float* lse = lse_t.data_ptr<float>();
   const float* gl = gl_t.data_ptr<float>();
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
-  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
+  const RowStats stats(lse_t, ent_t, ge != nullptr, N);
 
   const int64_t S = backward_tokens(N, V, D, h.scalar_type(), need_dw, opt, nthreads);
   const int64_t nsuper = ceil_div(N, S);
@@ -52,7 +51,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
           for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
     });
     if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
-    const GradInputs gin_base{lse + s0, gl + s0, ge ? ge + s0 : nullptr, ge ? mean_z.data() + s0 : nullptr};
+    const GradInputs gin_base = stats.inputs(gl, ge).at(s0);
 
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
@@ -81,13 +80,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
               T* dzt_block = dzt.data() + blk.in_group * kVocabBlock * s_ld;
               for (int64_t c = 0; c < nchunks; ++c) {
                 const int64_t n0 = c * kTokenChunk, mc = std::min(kTokenChunk, sn - n0);
-                GradInputs gin = gin_base;
-                gin.lse += n0;
-                gin.g_logp += n0;
-                if (gin.g_ent) {
-                  gin.g_ent += n0;
-                  gin.mean_z += n0;
-                }
+                const GradInputs gin = gin_base.at(n0);
                 tile_gemm<T>(eng, vb, mc, D, D, kLd, kLd, false, wp + bv0 * D, packed_ht.data() + c * D * kLd,
                              tile.data(), vnni);
                 grad_tile<T>(tile.data(), vb, mc, kLd, bp, bv0, tp + s0 + n0, tr, gin, blk.db_rows);
@@ -201,6 +194,7 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
               const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt, c10::optional<at::Tensor> dh,
               c10::optional<at::Tensor> dw, c10::optional<at::Tensor> db) {
   check_call(h, w, b, t, opt);
+  check_lse(lse, h.size(0));
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
   if (h.size(0) == 0) {
     if (dw) dw->zero_();

@@ -129,6 +129,13 @@ inline void check_inputs(const at::Tensor& h, const at::Tensor& w, const c10::op
               "grpo_kernels._C: b must be [V] with w's dtype");
 }
 
+// lse [N, 2] float32, contiguous: (row max, log-sum) per token (see tiles.h, GradInputs)
+inline void check_lse(const at::Tensor& lse, int64_t n) {
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == n &&
+                  lse.size(1) == 2,
+              "grpo_kernels._C: lse must be a contiguous float32 [N, 2] (max, log-sum); got ", lse.sizes());
+}
+
 #define GRPO_DISPATCH(dtype, ...)                                                    \
   switch (dtype) {                                                                   \
     case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }              \

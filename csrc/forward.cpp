@@ -1,4 +1,4 @@
-// The forward: streamed logits tiles folded into per-token log-probs, lse and entropy; with a `kept`
+// The forward: streamed logits tiles folded into per-token log-probs, lse (max, log-sum) and entropy; with a `kept`
 // workspace, also the one-pass schedule's forward of one token chunk.
 #include "prologue.h"
 #include "tiles.h"
@@ -63,7 +63,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
     });
     if (kept) std::memcpy(kl.target_logits(kept), zt.data(), sn * sizeof(float));
     float* logp = logp_out.data_ptr<float>() + s0;
-    float* lse = lse_out.data_ptr<float>() + s0;
+    float* lse = lse_out.data_ptr<float>() + 2 * s0;  // [N, 2]: (max, log-sum) per token
     float* ent = want_q ? ent_out->data_ptr<float>() + s0 : nullptr;
     for (int64_t n = 0; n < sn; ++n) {
       float m = kNegInf;
@@ -77,10 +77,12 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
         s += sc * st;
         if (want_q) q += sc * (stats[tid * 3 * S + 2 * S + n] + st * (double(mt) - m));
       }
-      const double ls = m + std::log(s);
-      lse[n] = static_cast<float>(ls);
-      logp[n] = static_cast<float>(double(zt[n]) - ls);
-      if (want_q) ent[n] = static_cast<float>(std::log(s) - q / s);
+      // lse stays the pair (m, log s): m + log s in one fp32 would round log s to the ulp of m
+      const double ls = std::log(s);
+      lse[2 * n] = m;
+      lse[2 * n + 1] = static_cast<float>(ls);
+      logp[n] = static_cast<float>((double(zt[n]) - m) - ls);
+      if (want_q) ent[n] = static_cast<float>(ls - q / s);
     }
   }
 }
@@ -92,6 +94,7 @@ using namespace detail;
 void forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
              const LogprobsOptions& opt, at::Tensor& logp, at::Tensor& lse, c10::optional<at::Tensor> entropy) {
   check_call(h, w, b, t, opt);
+  check_lse(lse, h.size(0));
   if (h.size(0) == 0) return;
   GRPO_DISPATCH(h.scalar_type(), [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy); });
 }
@@ -100,6 +103,7 @@ void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional
                    const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
                    c10::optional<at::Tensor> entropy) {
   check_call(h, w, b, t, opt);
+  check_lse(lse, h.size(0));
   check_kept(h, w, kept);
   GRPO_DISPATCH(h.scalar_type(),
                 [&] { forward_impl<scalar_t>(h, w, b, t, opt, logp, lse, entropy, kept.data_ptr<uint8_t>()); });

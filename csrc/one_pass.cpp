@@ -42,10 +42,9 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   const KeptLayout kl(N, V, h.scalar_type());
   const float* z_t = kl.target_logits(kept);
   const int64_t ldg = kGroup * kVocabBlock + 32;  // rows of dZ [N, group]
-  const float* lse = lse_t.data_ptr<float>();
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
-  const std::vector<float> mean_z = mean_logits(lse, ent_t, ge != nullptr, N);
-  const GradInputs gin{lse, gl_t.data_ptr<float>(), ge, ge ? mean_z.data() : nullptr};
+  const RowStats stats(lse_t, ent_t, ge != nullptr, N);
+  const GradInputs gin = stats.inputs(gl_t.data_ptr<float>(), ge);
   std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
   // On the amx engine the gradient GEMMs take VNNI operands too: H_chunk in token pairs (packed once here,
   // the B operand of every block's dW GEMM) and, per group, W_group in vocab-row pairs (the dH GEMM's B).
@@ -150,6 +149,7 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
                     c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
                     c10::optional<at::Tensor> db_acc, bool accumulate) {
   check_inputs(h, w, b, t);
+  check_lse(lse, h.size(0));
   check_engine(opt.engine, h.scalar_type());
   check_kept(h, w, kept);
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");

@@ -70,32 +70,77 @@ void forward_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, 
     } else {
       // z = (raw + b) / T is increasing in raw + b, so max z = (max of raw + b) / T exactly (rounding is
       // monotone too): one read of the tile for the max and one for the exp-sums, with no transformed copy
-      // written in between (the forward's epilogue was ~10 % of its time on AMD Zen 5 with the copy)
+      // written in between (the forward's epilogue was ~10 % of its time on AMD Zen 5 with the copy).
+      // z - m is formed from the rounded z = fl(fl(raw + b) / T), the logit the backward and the target
+      // see, not fused into one fmsub: at temperature 0.01 the unrounded product put the max's
+      // exp(z - m) half an ulp of m (~1e-5) off 1, so the log-sum came out negative, and every p of
+      // the backward (which sees the rounded logit) was 1e-5 off: dW at 20x the materializing path's error
       for (int64_t r = 0; r < vb; ++r)
         bmax = at::vec::maximum(bmax, Vec::loadu(z + r * ldz + n0, width) + Vec(bias_at(bias, v0 + r)));
       const Vec inv_t(tr.inv_t);
       fold_block(z, vb, ldz, n0, width, bmax * inv_t, st, want_q, keep_e, [&](int64_t r, Vec m_new) {
-        return at::vec::fmsub(Vec::loadu(z + r * ldz + n0, width) + Vec(bias_at(bias, v0 + r)), inv_t, m_new);
+        return (Vec::loadu(z + r * ldz + n0, width) + Vec(bias_at(bias, v0 + r))) * inv_t - m_new;
       });
     }
   }
 }
 
-// Per-token inputs of the backward for one super-chunk, as contiguous float arrays.
+// Per-token inputs of the backward for one super-chunk, as contiguous float arrays. The forward's lse is
+// kept as the pair (row max m, log-sum ls = log sum exp(z - m)): p = exp((z - m) - ls) is then exact
+// where it matters, since z - m is exact near the max, whereas z - lse with one fp32 lse loses the
+// log-sum to the ulp of the max logit (4.9e-4 at logits of 4000) in every p.
 struct GradInputs {
-  const float* lse;
+  const float* m;
+  const float* ls;
   const float* g_logp;
   const float* g_ent;  // nullptr: no entropy gradient
-  const float* mean_z;  // sum_j p_j z_j = lse - entropy (only with g_ent)
+  const float* mean_y;  // sum_j p_j (z_j - m) = ls - entropy (only with g_ent)
+
+  // the same inputs for tokens n0.. of these
+  GradInputs at(int64_t n0) const {
+    return {m + n0, ls + n0, g_logp + n0, g_ent ? g_ent + n0 : nullptr, g_ent ? mean_y + n0 : nullptr};
+  }
 };
 
-// What every dLoss/draw tile ends with: the onehot term at the targets (z_t: the transformed target logit
-// of each token), then the tile's per-row sums into db_rows when given.
+// The backward's per-token arrays from the forward's lse [N, 2] and entropy: m, ls and (with the
+// entropy gradient) ls - entropy, de-interleaved once so that the tiles load kW tokens at a time.
+struct RowStats {
+  std::vector<float> m, ls, mean_y;
+
+  RowStats(const at::Tensor& lse, const c10::optional<at::Tensor>& ent_t, bool need_ent, int64_t n)
+      : m(static_cast<size_t>(n)), ls(static_cast<size_t>(n)) {
+    const float* p = lse.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = p[2 * i];
+      ls[i] = p[2 * i + 1];
+    }
+    if (!need_ent) return;
+    const float* ent = ent_t->data_ptr<float>();
+    mean_y.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) mean_y[i] = ls[i] - ent[i];  // both O(log V): no cancellation
+  }
+
+  GradInputs inputs(const float* g_logp, const float* g_ent) const {
+    return {m.data(), ls.data(), g_logp, g_ent, g_ent ? mean_y.data() : nullptr};
+  }
+};
+
+// What every dLoss/draw tile ends with: the exact value at each token's target (z_t: the transformed target
+// logit of each token), then the tile's per-row sums into db_rows when given. At the target the tile holds
+// -p_t (g_logp + g_ent (y_t - ybar)) slope with the vector exp's p_t (exp_u20: ~1e-6 relative), and
+// onehot - p_t would cancel: a peaked row (p_t = 1 - 1e-3, logits ~100 at temperature 0.01) had dW and
+// db at 20x the materializing path's error. So the target's value is formed again in double, with
+// 1 - p_t = -expm1(y_t - ls) exact.
 inline void finish_grad_tile(float* d, int64_t vb, int64_t mc, int64_t ldz, int64_t v0, const int64_t* tgt,
-                             const float* z_t, const float* g_logp, const Transform& tr, float* db_rows) {
+                             const float* z_t, const GradInputs& g, const Transform& tr, float* db_rows) {
   for (int64_t n = 0; n < mc; ++n) {
     const int64_t r = tgt[n] - v0;
-    if (r >= 0 && r < vb) d[r * ldz + n] += g_logp[n] * tr.slope(z_t[n]);
+    if (r < 0 || r >= vb) continue;
+    const double lp = double(z_t[n] - g.m[n]) - g.ls[n];  // log p_t; z_t - m is exact near the max
+    double dt = -double(g.g_logp[n]) * std::expm1(lp);
+    const double p = std::exp(lp);
+    if (g.g_ent && p > 0) dt -= double(g.g_ent[n]) * p * (double(z_t[n] - g.m[n]) - g.mean_y[n]);
+    d[r * ldz + n] = static_cast<float>(dt * tr.slope(z_t[n]));
   }
   if (db_rows) {
     for (int64_t r = 0; r < vb; ++r) {
@@ -125,62 +170,58 @@ void grad_tile(float* z, int64_t vb, int64_t mc, int64_t ldz, const T* bias, int
   }
   for (int64_t n0 = 0; n0 < mc; n0 += kW) {
     const int64_t width = std::min(kW, mc - n0);
-    Vec lse = Vec::loadu(g.lse + n0, width);
+    Vec m = Vec::loadu(g.m + n0, width);
+    Vec ls = Vec::loadu(g.ls + n0, width);
     Vec gl = Vec::loadu(g.g_logp + n0, width);
     Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
-    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    Vec my = g.g_ent ? Vec::loadu(g.mean_y + n0, width) : Vec(0.f);
     for (int64_t r = 0; r < vb; ++r) {
       float* p = z + r * ldz + n0;
       Vec zz = tr.apply(Vec::loadu(p, width) + Vec(bias_at(bias, v0 + r)));
-      Vec prob = (zz - lse).exp_u20();
+      Vec y = zz - m;
+      Vec prob = (y - ls).exp_u20();
       Vec d = Vec(0.f) - gl * prob;
-      if (g.g_ent) d = d - ge * prob * (zz - mz);
+      if (g.g_ent) d = d - ge * prob * (y - my);
       (d * tr.slope(zz)).store(p, width);
     }
   }
-  finish_grad_tile(z, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
+  finish_grad_tile(z, vb, mc, ldz, v0, tgt, z_t, g, tr, db_rows);
 }
 
 // Turns a tile of kept e = exp(z - m) into dLoss/draw in place (fp32), where m_blk holds each token's
-// running max when the forward folded this block: p = e exp(m - lse) costs one exp per token, not per
-// logit. Only the entropy gradient and soft-capping need z itself: z = m + log(e) (e = 0 has p = 0).
+// running max when the forward folded this block: p = e exp((m_blk - m) - ls) costs one exp per token, not
+// per logit. Only the entropy gradient and soft-capping need z itself: z - m = (m_blk - m) + log(e) (e = 0
+// has p = 0).
 inline void grad_tile_kept(float* e, int64_t vb, int64_t mc, int64_t ldz, const float* m_blk, const float* z_t,
                            int64_t v0, const int64_t* tgt, const Transform& tr, const GradInputs& g, float* db_rows) {
   const bool need_z = g.g_ent != nullptr || tr.cap > 0;
   for (int64_t n0 = 0; n0 < mc; n0 += kW) {
     const int64_t width = std::min(kW, mc - n0);
-    Vec m = Vec::loadu(m_blk + n0, width);
-    Vec scale = (m - Vec::loadu(g.lse + n0, width)).exp_u20();
+    Vec mb = Vec::loadu(m_blk + n0, width);
+    Vec m = Vec::loadu(g.m + n0, width);
+    Vec shift = mb - m;  // <= 0, exact when the block's running max is near the row's
+    Vec scale = (shift - Vec::loadu(g.ls + n0, width)).exp_u20();
     Vec gl = Vec::loadu(g.g_logp + n0, width);
     Vec ge = g.g_ent ? Vec::loadu(g.g_ent + n0, width) : Vec(0.f);
-    Vec mz = g.g_ent ? Vec::loadu(g.mean_z + n0, width) : Vec(0.f);
+    Vec my = g.g_ent ? Vec::loadu(g.mean_y + n0, width) : Vec(0.f);
     for (int64_t r = 0; r < vb; ++r) {
       float* p = e + r * ldz + n0;
       Vec ev = Vec::loadu(p, width);
       Vec prob = ev * scale;
       Vec d = Vec(0.f) - gl * prob;
       if (need_z) {
-        Vec zz = m + at::vec::maximum(ev, Vec(std::numeric_limits<float>::min())).log();
-        if (g.g_ent) d = d - ge * prob * (zz - mz);
-        d = d * tr.slope(zz);
+        Vec y = shift + at::vec::maximum(ev, Vec(std::numeric_limits<float>::min())).log();  // z - m
+        if (g.g_ent) d = d - ge * prob * (y - my);
+        d = d * tr.slope(y + m);
       } else {
         d = d * Vec(tr.inv_t);
       }
       d.store(p, width);
     }
   }
-  finish_grad_tile(e, vb, mc, ldz, v0, tgt, z_t, g.g_logp, tr, db_rows);
+  finish_grad_tile(e, vb, mc, ldz, v0, tgt, z_t, g, tr, db_rows);
 }
 
-// sum_j p_j z_j = lse - entropy per token, which the entropy gradient needs (empty without it).
-inline std::vector<float> mean_logits(const float* lse, const c10::optional<at::Tensor>& ent_t, bool need, int64_t n) {
-  std::vector<float> out;
-  if (!need) return out;
-  const float* ent = ent_t->data_ptr<float>();
-  out.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = lse[i] - ent[i];
-  return out;
-}
 // What the one-pass schedule keeps of a chunk of n tokens between its forward and its gradient step, in
 // one byte workspace: per vocab block, a tile [kVocabBlock, ld] of e = exp(z - m) (fp32 for fp32 inputs;
 // bf16 otherwise, whose 8 fraction bits match the bf16 dZ the GEMMs take anyway, at half the bytes of

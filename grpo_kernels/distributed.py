@@ -21,10 +21,11 @@ weight                        hidden                   what runs
 ============================  =======================  ============================================
 
 A vocabulary shard needs only per-token partial statistics of the other shards, combined exactly:
-the shard's log-sum-exp ``lse_r`` (all-reduce MAX gives ``m``, then ``E = sum_r exp(lse_r - m)`` and
-``lse = m + log E``), the target logit (from the shard that owns the target, 0 elsewhere, summed),
-and the entropy (``H = log E + sum_r exp(lse_r - m) (H_r - lse_r + m) / E``, with ``H_r`` the entropy
-of the shard's own softmax). The gradient pass recomputes the shard's logits with the *global*
+the shard's max logit ``m_r`` and log-sum ``ls_r`` (all-reduce MAX gives ``m``, then
+``E = sum_r exp(m_r - m + ls_r)`` and the global pair ``lse = (m, log E)``), the target logit above
+``m`` (from the shard that owns the target, 0 elsewhere, summed), and the entropy
+(``H = log E + sum_r exp(m_r - m + ls_r) (H_r - ls_r - m_r + m) / E``, with ``H_r`` the entropy of the
+shard's own softmax). The gradient pass recomputes the shard's logits with the *global*
 lse and entropy, which makes its softmax the shard's slice of the global one; a target outside
 the shard points at an extra all-zero weight row there, so no shard but the owner adds the
 target's one-hot term (that row's dH term is zero; its dW row is dropped). The [V, D] weight is
@@ -331,33 +332,40 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _global_stats(h: Tensor, w: Tensor, b: Optional[Tensor], lt: Tensor, owned: Tensor, spec: ShardSpec):
-    """Per-token (logp, entropy | None, lse) over the whole vocabulary from this shard and two all-reduces."""
+    """Per-token (logp, entropy | None, lse [N, 2]) over the whole vocabulary from this shard and two all-reduces.
+
+    Every quantity stays relative to the global max m (the backends' lse pair, see
+    :class:`grpo_kernels.backends.Backend`): the shard's log-sum-exp is m_r + ls_r, its target logit
+    logp_r + ls_r above m_r, so nothing of size |m| is ever subtracted in fp32.
+    """
     acc = _acc_dtype(h)
     n = h.shape[0]
     want_ent = spec.params.return_entropy
     if spec.vocab_local > 0:
         logp_l, ent_l, lse_l = _shard_kernels("forward", spec.params, h, w, b, torch.where(owned, lt, torch.zeros_like(lt)))
-        lse_l, zt = lse_l.to(acc), torch.where(owned, (logp_l.to(acc) + lse_l.to(acc)), torch.zeros((), dtype=acc))
+        m_l, ls_l = lse_l[:, 0].to(acc), lse_l[:, 1].to(acc)
+        yt = logp_l.to(acc) + ls_l  # the target logit above m_l (meaningful where owned)
         ent_l = None if ent_l is None else ent_l.to(acc)
     else:  # an empty shard (V not divisible by the ranks): no logits, nothing to add
-        lse_l = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
-        zt = torch.zeros(n, dtype=acc, device=h.device)
+        m_l = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+        ls_l = torch.zeros(n, dtype=acc, device=h.device)
+        yt = torch.zeros(n, dtype=acc, device=h.device)
         ent_l = torch.zeros(n, dtype=acc, device=h.device) if want_ent else None
     dist = torch.distributed
-    m = lse_l.clone()
+    m = m_l.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=spec.group)
-    e = torch.exp(lse_l - m)
-    parts = [e, zt]
+    shift = torch.where(m_l > float("-inf"), m_l - m, m_l)  # <= 0; -inf for an empty shard
+    e = torch.exp(shift + ls_l)
+    parts = [e, torch.where(owned, yt + shift, torch.zeros((), dtype=acc))]
     if want_ent:
-        # H = log E + sum_r e_r (H_r - lse_r + m) / E: every term is O(log V), no cancellation against lse
-        parts.append(torch.where(e > 0, e * (ent_l - (lse_l - m)), torch.zeros((), dtype=acc)))
+        # H = log E + sum_r e_r (H_r - ls_r - shift_r) / E: every term is O(log V), no cancellation
+        parts.append(torch.where(e > 0, e * (ent_l - ls_l - shift), torch.zeros((), dtype=acc)))
     sums = torch.stack(parts)
     dist.all_reduce(sums, group=spec.group)
     log_e = torch.log(sums[0])
-    lse = m + log_e
-    logp = sums[1] - lse
+    logp = sums[1] - log_e
     ent = log_e + sums[2] / sums[0] if want_ent else None
-    return logp, ent, lse
+    return logp, ent, torch.stack([m, log_e], dim=-1)
 
 
 def _shard_backward(h, w, b, lt, owned, lse, ent, g_logp, g_ent, params: ShardOptions, needs):

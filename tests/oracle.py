@@ -47,6 +47,7 @@ def assert_close_to_oracle(
     *,
     factor: float = 2.0,
     floor: Optional[float] = None,
+    ulp_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """``max|ours - oracle| <= factor * max|same_dtype - oracle| + floor``; NaN/inf disagreement fails.
 
@@ -54,6 +55,8 @@ def assert_close_to_oracle(
     The default floor is the larger of 1e-5 * (1 + max|oracle|) and one unit in the last place of
     ``ours``' dtype at max|oracle|: no implementation that rounds its result to bf16 can do better
     than that, and a max-error statistic of two correctly rounded results can differ by one ulp.
+    ``ulp_dtype`` names that dtype when ``ours`` was widened after rounding (a bf16 gradient handed
+    over as float64, say): the floor is then that dtype's ulp, not the wider one's.
     """
     ours, oracle = ours.detach(), oracle.detach()
     same_dtype = None if same_dtype is None else same_dtype.detach()
@@ -66,7 +69,8 @@ def assert_close_to_oracle(
         raise AssertionError(f"{name}: non-finite values differ")
     ours_f, ora_f = ours[o_fin].double(), oracle[r_fin].double()
     scale = float(ora_f.abs().max()) if ora_f.numel() else 0.0
-    ulp = torch.finfo(ours.dtype).eps * scale if ours.is_floating_point() else 0.0
+    ulp_dt = ulp_dtype or ours.dtype
+    ulp = torch.finfo(ulp_dt).eps * scale if ulp_dt.is_floating_point else 0.0
     fl = max(1e-5 * (1.0 + scale), ulp) if floor is None else floor
     err = float((ours_f - ora_f).abs().max()) if ora_f.numel() else 0.0
     ref_err = 0.0

@@ -175,8 +175,12 @@ def test_bf16_sharded_head(world, seed, tmp_root):
     got = case_result("bf16", world, seed, tmp_root)
     want = cases.ref_bf16(world, seed)
     assert got["dtypes"] == ("torch.bfloat16", "torch.bfloat16")
-    for k in ("loss", "dh", "dw"):
-        assert_close_to_oracle(k, got[k], want["oracle"][k], want["same_dtype"][k])
+    # dh and dw come back widened to float64 (dh also divided by the world): their floor is a bf16 ulp,
+    # without which ~0.75 % of seeds failed on one bf16 rounding step where the materializing path's
+    # rounding happened to land near the fp64 value (seed 242 on 3 processes: 1792 against 1784.0)
+    assert_close_to_oracle("loss", got["loss"], want["oracle"]["loss"], want["same_dtype"]["loss"])
+    for k in ("dh", "dw"):
+        assert_close_to_oracle(k, got[k], want["oracle"][k], want["same_dtype"][k], ulp_dtype=torch.bfloat16)
 
 
 def expected_payloads(mode: str, world: int, n: int, d: int) -> list[tuple[str, list[int]]]:

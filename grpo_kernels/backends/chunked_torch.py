@@ -37,21 +37,28 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _stats(z: Tensor, t: Tensor, want_entropy: bool) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
-    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1) if want_entropy else None
-    return logp, ent, lse
+    """(logp, entropy | None, lse [n, 2]) of a chunk's logits; lse is the pair (row max, log-sum) of
+    :data:`grpo_kernels.backends.LSE_LAYOUT`, and logp / entropy are formed relative to the max."""
+    # a row whose max is +-inf keeps it out of the shift (0 instead), as torch.logsumexp does
+    m = z.amax(-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=z.dtype, device=z.device))
+    y = z - m.unsqueeze(-1)
+    ls = torch.logsumexp(y, dim=-1)
+    logp = y.gather(-1, t.unsqueeze(-1)).squeeze(-1) - ls
+    ent = ls - (torch.softmax(y, dim=-1) * y).sum(-1) if want_entropy else None
+    return logp, ent, torch.stack([m, ls], dim=-1)
 
 
 def _grad_logits(z: Tensor, t: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Tensor,
                  g_ent: Optional[Tensor], p: LogprobsParams) -> Tensor:
     """dLoss/d(raw logits) of one chunk: chain rule through log_softmax, entropy, softcap, temperature."""
-    prob = torch.exp(z - lse.unsqueeze(-1))
+    y = z - lse[:, :1]  # relative to the row max: exact near it, so p of the top logits keeps its bits
+    prob = torch.exp(y - lse[:, 1:])
     d = prob * (-g_logp.to(z.dtype)).unsqueeze(-1)
     d.scatter_add_(-1, t.unsqueeze(-1), g_logp.to(z.dtype).unsqueeze(-1))
     if g_ent is not None:
-        # dH/dz_j = -p_j (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - H
-        d -= g_ent.to(z.dtype).unsqueeze(-1) * prob * (z - (lse - ent).unsqueeze(-1))
+        # dH/dz_j = -p_j (z_j - sum_k p_k z_k), and sum_k p_k z_k - max = log-sum - H
+        d -= g_ent.to(z.dtype).unsqueeze(-1) * prob * (y - (lse[:, 1] - ent).unsqueeze(-1))
     if p.softcap:
         d *= 1.0 - (z / p.softcap) ** 2
     return d / p.temperature
@@ -85,7 +92,7 @@ class TorchBackend(TwoPassBackend):
         n = h.shape[0]
         acc = _acc_dtype(h)
         logp = empty((n,), acc, h.device)
-        lse = empty((n,), acc, h.device)
+        lse = empty((n, 2), acc, h.device)
         ent = empty((n,), acc, h.device) if p.return_entropy else None
         head = self._head(_dense(w), b)
         rows = self._rows_per_chunk(n, w.shape[0])

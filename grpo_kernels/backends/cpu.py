@@ -94,7 +94,7 @@ class CpuBackend(TwoPassBackend):
         b = None if b is None else b.contiguous()
         n = h.shape[0]
         logp = empty((n,), torch.float32, h.device)
-        lse = empty((n,), torch.float32, h.device)
+        lse = empty((n, 2), torch.float32, h.device)
         ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
         _ext().forward(h, w, b, t, p.temperature, p.softcap, self.tuning.super_chunk_tokens,
                        cpu_engines.engine_for(h.dtype), logp, lse, ent)
@@ -106,7 +106,7 @@ class CpuBackend(TwoPassBackend):
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
         dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None
         db = empty(tuple(b.shape), b.dtype, b.device) if needs[2] and b is not None else None
-        _ext().backward(h, w, b, t, _vec(lse), _vec(ent), _vec(g_logp), _vec(g_ent),
+        _ext().backward(h, w, b, t, lse.float().contiguous(), _vec(ent), _vec(g_logp), _vec(g_ent),
                         p.temperature, p.softcap, self.tuning.super_chunk_tokens, cpu_engines.engine_for(h.dtype), dh, dw, db)
         return dh, dw, db
 
@@ -130,7 +130,7 @@ class CpuBackend(TwoPassBackend):
         chunk = self.tuning.fused_chunk_tokens or ext.fused_chunk_tokens(n, v, d, h.dtype)
         kept = torch.empty(ext.kept_bytes(min(chunk, n), v, h.dtype), dtype=torch.uint8)
         logp = empty((n,), torch.float32, h.device)
-        lse = empty((n,), torch.float32, h.device)
+        lse = empty((n, 2), torch.float32, h.device)
         ent = empty((n,), torch.float32, h.device) if p.return_entropy else None
         dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
         dw = empty(tuple(w.shape), w.dtype, w.device) if needs[1] else None

@@ -3,7 +3,7 @@
 Satisfies :class:`grpo_kernels.backends.Backend` with the kernels of ``logprobs_kernels.py``
 launched by ``logprobs_launch.py``; the fused GRPO loss runs the shared two-pass schedule of
 ``grpo_kernels.backends`` (forward, coefficients, recomputing backward). No [N, V] buffer is ever
-allocated: the forward writes [N] vectors (logp, lse, entropy); the backward recomputes logit tiles
+allocated: the forward writes [N] vectors (logp, entropy, lse as [N, 2]); the backward recomputes logit tiles
 from the saved lse and writes only dH [N, D], dW [V, D], dbias [V].
 
 dtypes: hidden / weight / bias in float32, bfloat16 or float16 (one dtype); logits, softmax
@@ -39,7 +39,7 @@ class TritonBackend(TwoPassBackend):
     name: str = "triton"
 
     def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, params: LogprobsParams):
-        """-> (logp [N] f32, entropy [N] f32 | None, lse [N] f32)."""
+        """-> (logp [N] f32, entropy [N] f32 | None, lse [N, 2] f32: max, log-sum)."""
         return _launch.forward(hidden, weight, bias, targets, params, self.config)
 
     def backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,

@@ -3,15 +3,17 @@
 Notation (one token row i, vocab column j):
     z_ij = softcap(((h_i . w_j) + b_j) / temperature)        softcap(x) = c * tanh(x / c)
     lse_i = logsumexp_j z_ij,  logp_i = z_i,t_i - lse_i,  H_i = lse_i - sum_j p_ij z_ij
+    lse is saved as the pair [N, 2] (m_i = max_j z_ij, ls_i = lse_i - m_i): the backward forms
+    p_ij = exp((z_ij - m_i) - ls_i), which one fp32 lse would round to the ulp of m_i.
 
 Kernels (launched from ``logprobs_launch.py``):
 - ``_fwd_kernel``: grid (token blocks, vocab splits). A program streams its vocab range block by
   block; each [BLOCK_N, BLOCK_V] logit tile is a ``tl.dot`` accumulated over D in BLOCK_D chunks
   (fp32), reduced on the fly into four fp32 vectors (running max m, s = sum exp(z - m),
   t = sum exp(z - m) (z - m), target logit) and dropped. With one split the program writes
-  logp / lse / entropy; with several it writes the four partials and ``_fwd_combine_kernel``
+  logp / lse (m, ls) / entropy; with several it writes the four partials and ``_fwd_combine_kernel``
   merges them (flash-decoding style), so small N still fills the GPU.
-- ``_bwd_dh_kernel``: grid (token blocks, vocab splits). Recomputes each tile from the saved lse,
+- ``_bwd_dh_kernel``: grid (token blocks, vocab splits). Recomputes each tile from the saved (m, ls),
   forms dz (the gradient w.r.t. the raw logits) and accumulates dH[rows] += dz @ W[cols] into an
   fp32 buffer the program owns (no atomics).
 - ``_bwd_dw_kernel``: grid (vocab blocks, token splits). Same tiles seen from the vocab side:
@@ -105,19 +107,21 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D,
 
 
 @triton.jit
-def _grad_tile(z, rows_valid, cols, col_mask, tgt, lse, g_logp, g_ent, zbar, temperature, softcap,
+def _grad_tile(z, rows_valid, cols, col_mask, tgt, m, ls, g_logp, g_ent, ybar, temperature, softcap,
                HAS_ENT_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dLoss / d(raw logits) of a tile, fp32; exactly 0 outside the valid rows/columns.
 
-    d logp / dz_j = onehot_j - p_j;  d H / dz_j = -p_j (z_j - zbar) with zbar = sum_k p_k z_k = lse - H;
-    then the softcap derivative 1 - (z/c)^2 (z capped) and 1/temperature.
+    With y = z - m (exact near the max): p_j = exp(y_j - ls); d logp / dz_j = onehot_j - p_j;
+    d H / dz_j = -p_j (y_j - ybar) with ybar = sum_k p_k y_k = ls - H; then the softcap derivative
+    1 - (z/c)^2 (z capped) and 1/temperature.
     """
     valid = rows_valid[:, None] & col_mask[None, :]
-    p = tl.exp(tl.where(valid, z - lse[:, None], -float("inf")))
+    y = z - m[:, None]
+    p = tl.exp(tl.where(valid, y - ls[:, None], -float("inf")))
     onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
     dz = g_logp[:, None] * (onehot - p)
     if HAS_ENT_GRAD:
-        dz -= g_ent[:, None] * p * (z - zbar[:, None])
+        dz -= g_ent[:, None] * p * (y - ybar[:, None])
     if HAS_SOFTCAP:
         zc = z / softcap
         dz *= 1.0 - zc * zc
@@ -164,11 +168,12 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, part_p
         m = m_new
 
     if FINALIZE:
-        lse = m + tl.log(s)
-        tl.store(logp_ptr + rows, zt - lse, mask=row_mask)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        ls = tl.log(s)
+        tl.store(logp_ptr + rows, (zt - m) - ls, mask=row_mask)
+        tl.store(lse_ptr + 2 * rows, m, mask=row_mask)
+        tl.store(lse_ptr + 2 * rows + 1, ls, mask=row_mask)
         if WANT_ENT:
-            tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_mask)
+            tl.store(ent_ptr + rows, ls - t / s, mask=row_mask)
     else:  # partials [4, n_split, N]: m, s, t, target logit
         base = part_ptr + pid_s * N + rows
         plane = n_split * N
@@ -181,7 +186,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, part_p
 @triton.jit
 def _fwd_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, N, n_split,
                         WANT_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merges the per-split online-softmax partials of ``_fwd_kernel`` into logp / lse / entropy."""
+    """Merges the per-split online-softmax partials of ``_fwd_kernel`` into logp / lse (m, ls) / entropy."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     sp = tl.arange(0, BLOCK_S)
@@ -197,28 +202,31 @@ def _fwd_combine_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, N, n_split,
     a = tl.where(mask, tl.exp(dm), 0.0)
     s = tl.sum(a * s_i, axis=1)
     s = tl.where(row_mask, s, 1.0)
-    lse = m + tl.log(s)
-    tl.store(logp_ptr + rows, zt - lse, mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    ls = tl.log(s)
+    tl.store(logp_ptr + rows, (zt - m) - ls, mask=row_mask)
+    tl.store(lse_ptr + 2 * rows, m, mask=row_mask)
+    tl.store(lse_ptr + 2 * rows + 1, ls, mask=row_mask)
     if WANT_ENT:
         t_i = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
         t = tl.sum(a * (t_i + s_i * dm), axis=1)
-        tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_mask)
+        tl.store(ent_ptr + rows, ls - t / s, mask=row_mask)
 
 
 @triton.jit
 def _load_row_vectors(tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, rows, row_mask,
                       HAS_ENT_GRAD: tl.constexpr):
+    """Per-row inputs of a backward tile: target, m, ls, the two coefficients, ybar = ls - H."""
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    m = tl.load(lse_ptr + 2 * rows, mask=row_mask, other=0.0)
+    ls = tl.load(lse_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
     g_logp = tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0)
     if HAS_ENT_GRAD:
         g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
-        zbar = lse - tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        ybar = ls - tl.load(ent_ptr + rows, mask=row_mask, other=0.0)  # both O(log V): no cancellation
     else:
         g_ent = g_logp
-        zbar = lse
-    return tgt, lse, g_logp, g_ent, zbar
+        ybar = ls
+    return tgt, m, ls, g_logp, g_ent, ybar
 
 
 @triton.jit
@@ -233,7 +241,7 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g
     pid_s = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    tgt, lse, g_logp, g_ent, zbar = _load_row_vectors(tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    tgt, m, ls, g_logp, g_ent, ybar = _load_row_vectors(tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                                                       rows, row_mask, HAS_ENT_GRAD)
     v_start = pid_s * v_per_split
     v_end = tl.minimum(V, v_start + v_per_split)
@@ -244,7 +252,7 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D,
                          stride_hn, stride_hd, stride_wv, stride_wd, temperature, softcap,
                          HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        dz = _grad_tile(z, row_mask, cols, col_mask, tgt, lse, g_logp, g_ent, zbar, temperature, softcap,
+        dz = _grad_tile(z, row_mask, cols, col_mask, tgt, m, ls, g_logp, g_ent, ybar, temperature, softcap,
                         HAS_ENT_GRAD, HAS_SOFTCAP)
         # The gradient GEMMs run in the inputs' dtype (tensor cores), fp32 accumulation.
         dz_hi, dz_lo = _split_operand(dz, h_ptr.dtype.element_ty, SPLIT_DZ, DOT_FP32)
@@ -287,12 +295,12 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_mask = rows < n_end
-        tgt, lse, g_logp, g_ent, zbar = _load_row_vectors(tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+        tgt, m, ls, g_logp, g_ent, ybar = _load_row_vectors(tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
                                                           rows, row_mask, HAS_ENT_GRAD)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D,
                          stride_hn, stride_hd, stride_wv, stride_wd, temperature, softcap,
                          HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
-        dz = _grad_tile(z, row_mask, cols, col_mask, tgt, lse, g_logp, g_ent, zbar, temperature, softcap,
+        dz = _grad_tile(z, row_mask, cols, col_mask, tgt, m, ls, g_logp, g_ent, ybar, temperature, softcap,
                         HAS_ENT_GRAD, HAS_SOFTCAP)
         if COMPUTE_DB:
             db += tl.sum(dz, axis=0)

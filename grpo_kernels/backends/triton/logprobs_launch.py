@@ -147,7 +147,7 @@ def _common(h: Tensor, w: Tensor, b: Optional[Tensor], p: LogprobsParams):
 
 def forward(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: LogprobsParams,
             cfg: Optional[LaunchConfig] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """logp [N] f32, entropy [N] f32 (None unless ``p.return_entropy``), lse [N] f32."""
+    """logp [N] f32, entropy [N] f32 (None unless ``p.return_entropy``), lse [N, 2] f32 (max, log-sum)."""
     outputs, steps = forward_plan(h, w, b, t, p, cfg)
     run(steps)
     return outputs
@@ -161,7 +161,7 @@ def forward_plan(h: Tensor, w: Tensor, b: Optional[Tensor], t: Tensor, p: Logpro
     (n, d), v = h.shape, w.shape[0]
     dev = h.device
     logp = empty((n,), torch.float32, dev)
-    lse = empty((n,), torch.float32, dev)
+    lse = empty((n, 2), torch.float32, dev)  # (max, log-sum) per token: see logprobs_kernels
     ent = empty((n,), torch.float32, dev) if p.return_entropy else None
     if n == 0:
         return (logp, ent, lse), []
