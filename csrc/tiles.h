@@ -127,19 +127,20 @@ struct RowStats {
 
 // What every dLoss/draw tile ends with: the exact value at each token's target (z_t: the transformed target
 // logit of each token), then the tile's per-row sums into db_rows when given. At the target the tile holds
-// -p_t (g_logp + g_ent (y_t - ybar)) slope with the vector exp's p_t (exp_u20: ~1e-6 relative), and
-// onehot - p_t would cancel: a peaked row (p_t = 1 - 1e-3, logits ~100 at temperature 0.01) had dW and
-// db at 20x the materializing path's error. So the target's value is formed again in double, with
-// 1 - p_t = -expm1(y_t - ls) exact.
+// -p_t (g_logp + g_ent (y_t - ybar)) slope with the vector exp's p_t (exp_u20: ~1e-6 relative), against
+// which onehot - p_t cancels for a peaked row. So the target's value is formed again in double, with
+// 1 - p_t = -expm1(y_t - ls) exact (argmax targets at temperature 1: the median dH error against the
+// materializing path's went from 1.20x to 1.00x).
 inline void finish_grad_tile(float* d, int64_t vb, int64_t mc, int64_t ldz, int64_t v0, const int64_t* tgt,
                              const float* z_t, const GradInputs& g, const Transform& tr, float* db_rows) {
   for (int64_t n = 0; n < mc; ++n) {
     const int64_t r = tgt[n] - v0;
     if (r < 0 || r >= vb) continue;
-    const double lp = double(z_t[n] - g.m[n]) - g.ls[n];  // log p_t; z_t - m is exact near the max
+    const double y_t = z_t[n] - g.m[n];  // exact near the max
+    const double lp = y_t - g.ls[n];     // log p_t
     double dt = -double(g.g_logp[n]) * std::expm1(lp);
     const double p = std::exp(lp);
-    if (g.g_ent && p > 0) dt -= double(g.g_ent[n]) * p * (double(z_t[n] - g.m[n]) - g.mean_y[n]);
+    if (g.g_ent && p > 0) dt -= double(g.g_ent[n]) * p * (y_t - g.mean_y[n]);
     d[r * ldz + n] = static_cast<float>(dt * tr.slope(z_t[n]));
   }
   if (db_rows) {

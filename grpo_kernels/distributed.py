@@ -354,7 +354,7 @@ def _global_stats(h: Tensor, w: Tensor, b: Optional[Tensor], lt: Tensor, owned: 
     dist = torch.distributed
     m = m_l.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=spec.group)
-    shift = torch.where(m_l > float("-inf"), m_l - m, m_l)  # <= 0; -inf for an empty shard
+    shift = m_l - m  # <= 0; -inf for an empty shard
     e = torch.exp(shift + ls_l)
     parts = [e, torch.where(owned, yt + shift, torch.zeros((), dtype=acc))]
     if want_ent:

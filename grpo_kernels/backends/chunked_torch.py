@@ -38,7 +38,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def _stats(z: Tensor, t: Tensor, want_entropy: bool) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """(logp, entropy | None, lse [n, 2]) of a chunk's logits; lse is the pair (row max, log-sum) of
-    :data:`grpo_kernels.backends.LSE_LAYOUT`, and logp / entropy are formed relative to the max."""
+    :class:`grpo_kernels.backends.Backend`, and logp / entropy are formed relative to the max."""
     # a row whose max is +-inf keeps it out of the shift (0 instead), as torch.logsumexp does
     m = z.amax(-1)
     m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=z.dtype, device=z.device))
