@@ -52,6 +52,23 @@ class FusedCall:
     params: LogprobsParams
     impl: Backend
 
+    def inputs(self) -> dict[str, Optional[Tensor]]:
+        """The caller's tensors a later pass reads again, by argument name (the plan's are detached views)."""
+        p = self.plan
+        return {"completion_ids": self.completion_ids, "mask": p.mask, "advantages": p.advantages,
+                "old_logp": p.old_logp, "ref_logp": p.ref_logp, "is_ratio": p.is_ratio}
+
+
+def check_unchanged(call: FusedCall, versions: dict[str, int], names: tuple[str, ...]) -> None:
+    """Raise when a tensor a backward reads again was modified in place after the forward (as torch does for
+    the tensors its ops save): the gradient would silently belong to other inputs than the loss."""
+    tensors = call.inputs()
+    for name in names:
+        t = tensors[name]
+        if t is not None and t._version != versions[name]:
+            raise RuntimeError(f"{FN}: {name} was modified in place between the forward and the backward "
+                               f"(version {versions[name]} -> {t._version}); the gradient pass reads it again")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Coefficients: dLoss/dlogp and dLoss/dentropy of the kept tokens, and the loss and metrics they sum to
@@ -154,6 +171,7 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
         needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         loss, metrics, pending = _run(hidden, weight, bias, call, needs)
         ctx.call, ctx.needs, ctx.pending = call, needs, pending
+        ctx.versions = {k: t._version for k, t in call.inputs().items() if t is not None}
         ctx.hidden_shape = hidden.shape
         ctx.save_for_backward(hidden, weight, bias)
         ctx.mark_non_differentiable(metrics)
@@ -171,6 +189,8 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             dh, dw, db = formed.finish(grad_loss)
         else:
             call = ctx.call
+            # the gradient pass reads the ids again; a second backward after the one pass, the whole plan
+            check_unchanged(call, ctx.versions, ("completion_ids",) if pending.first is not None else tuple(ctx.versions))
             D = weight.shape[1]
             h = gather_rows(hidden.reshape(-1, D), pending.rows)
             t = gather_rows(call.completion_ids.reshape(-1).long(), pending.rows)

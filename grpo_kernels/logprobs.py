@@ -7,6 +7,7 @@ removed here, so they cost no vocabulary work and get log-prob 0, entropy 0 and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -43,17 +44,29 @@ def differentiable_once(fn: str) -> None:
                            "by kernels, not by autograd ops); got a backward with create_graph=True")
 
 
+@dataclass(frozen=True)
+class LogprobsCall:
+    """The non-differentiable part of one call: the targets ([N] int64), the kept rows ([n] int64, or None
+    when every row is kept), the kernel options and the backend."""
+
+    targets: Tensor
+    rows: Optional[Tensor]
+    params: LogprobsParams
+    impl: Backend
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: forward keeps only [N] vectors, backward recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, rows: Optional[Tensor],
-                params: LogprobsParams, impl: Backend):
-        n = hidden.shape[0]
-        logp, ent, lse = impl.forward(gather_rows(hidden, rows), weight, bias, gather_rows(targets, rows), params)
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: LogprobsCall):
+        n, rows = hidden.shape[0], call.rows
+        logp, ent, lse = call.impl.forward(gather_rows(hidden, rows), weight, bias, gather_rows(call.targets, rows),
+                                           call.params)
         ctx.set_materialize_grads(False)
-        ctx.params, ctx.impl = params, impl
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, rows)
+        ctx.call = call
+        # targets is saved, not only held in call, so an in-place change before backward raises as in torch
+        ctx.save_for_backward(hidden, weight, bias, call.targets, lse, ent)
         logp = scatter_rows(logp, rows, n)
         if ent is None:
             return logp
@@ -62,19 +75,20 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor] = None):
         differentiable_once("linear_logprobs")
-        hidden, weight, bias, targets, lse, ent, rows = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None, None
-        n = hidden.shape[0]
-        if g_logp is None:
-            g_logp = torch.zeros(n, dtype=lse.dtype, device=lse.device)
-        g_ent = None if g_ent is None else gather_rows(g_ent, rows).to(lse.dtype)
-        dh, dw, db = ctx.impl.backward(gather_rows(hidden, rows), weight, bias, gather_rows(targets, rows), lse, ent,
-                                       gather_rows(g_logp, rows).to(lse.dtype), g_ent, ctx.params, needs)
-        if dh is not None:
-            dh = scatter_rows(dh, rows, n)
-        return dh, dw, db, None, None, None, None
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        call: LogprobsCall = ctx.call
+        dh = dw = db = None
+        if g_logp is not None or g_ent is not None:  # neither output reached the loss: no gradient, no work
+            n, rows = hidden.shape[0], call.rows
+            if g_logp is None:
+                g_logp = torch.zeros(n, dtype=lse.dtype, device=lse.device)
+            g_ent = None if g_ent is None else gather_rows(g_ent, rows).to(lse.dtype)
+            dh, dw, db = call.impl.backward(gather_rows(hidden, rows), weight, bias, gather_rows(targets, rows),
+                                            lse, ent, gather_rows(g_logp, rows).to(lse.dtype), g_ent, call.params,
+                                            ctx.needs_input_grad[:3])
+            if dh is not None:
+                dh = scatter_rows(dh, rows, n)
+        return dh, dw, db, None
 
 
 def linear_logprobs(
@@ -129,8 +143,8 @@ def linear_logprobs(
     params = LogprobsParams.make(temperature, softcap, return_entropy)
     lead = hidden.shape[:-1]
     t = targets.reshape(-1).long()
-    out = LinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, t,
-                                       select_rows(t != ignore_index), params, backends.get(name))
+    call = LogprobsCall(t, select_rows(t != ignore_index), params, backends.get(name))
+    out = LinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, call)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

@@ -436,6 +436,73 @@ def test_fused_loss_views_equal_contiguous(backend, kind):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Inputs modified in place between the forward and the backward
+# ---------------------------------------------------------------------------------------------------
+
+def _mutated_ids_grads(p: dict, backend: str, level: str):
+    """(dH, dW) of the fused loss when completion_ids is overwritten in place after the forward."""
+    h, w = (p[k].detach().requires_grad_() for k in ("hidden", "weight"))
+    ids = p["ids"].clone()
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, importance_sampling_level=level)
+    out = gk.fused_linear_grpo_loss(h, w, ids, p["mask"], p["adv"], cfg, old_logp=p["old"], ref_logp=p["ref"],
+                                    backend=backend)
+    ids.add_(1).remainder_(V)
+    return torch.autograd.grad(out.loss, [h, w])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fused_loss_ids_modified_before_backward(backend, level):
+    """The gradient belongs to the ids the loss was computed with, or the backward refuses by name: a
+    schedule that reads the ids again (the two-pass gradient pass; always for the sequence level) must
+    notice the in-place change; the one pass has formed its gradients already and may go on."""
+    p = problem()
+    if level == "sequence":
+        refused(RuntimeError, "fused_linear_grpo_loss", "completion_ids", lambda: _mutated_ids_grads(p, backend, level))
+        return
+    try:
+        got = _mutated_ids_grads(p, backend, level)
+    except RuntimeError as exc:
+        assert str(exc).startswith("fused_linear_grpo_loss: completion_ids was modified in place"), str(exc)
+        return
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.04, importance_sampling_level=level)
+    _, dh, dw, _ = _fused_grads(p, backend, config=cfg, bias=torch.zeros(V))
+    assert torch.equal(got[0], dh) and torch.equal(got[1], dw), "the gradient used the ids written after the forward"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_loss_retained_graph_and_changed_advantages(backend):
+    """A second backward through a retained graph gives the first one's gradient, or is refused by name
+    when it would recompute the coefficients from an advantages tensor changed in place since the forward
+    (after the one pass it does; the two-pass schedule keeps the forward's coefficients)."""
+    p = problem()
+    h = p["hidden"].detach().requires_grad_()
+    adv = p["adv"].clone()
+    out = gk.fused_linear_grpo_loss(h, p["weight"], p["ids"], p["mask"], adv, CFG, old_logp=p["old"],
+                                    ref_logp=p["ref"], backend=backend)
+    (first,) = torch.autograd.grad(out.loss, [h], retain_graph=True)
+    adv.mul_(2)
+    try:
+        (second,) = torch.autograd.grad(out.loss, [h])
+    except RuntimeError as exc:
+        assert str(exc).startswith("fused_linear_grpo_loss: advantages was modified in place"), str(exc)
+        return
+    assert torch.equal(first, second), "the second backward used the advantages written after the forward"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_targets_modified_before_backward(backend):
+    """The backward recomputes the logits for the saved targets: an in-place change raises (torch's check)."""
+    p = problem()
+    h = p["hidden"].detach().requires_grad_()
+    t = p["ids"].clone()
+    logp = gk.linear_logprobs(h, p["weight"], t, backend=backend)
+    t.add_(1).remainder_(V)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------
 # grpo_loss
 # ---------------------------------------------------------------------------------------------------
 
