@@ -59,7 +59,9 @@ def check_shape(fn: str, name: str, x: Tensor, shape: Sequence[int], like: str) 
 
 
 def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
+    """Every given tensor on one device; a non-tensor is refused by name first (a numpy array has a
+    ``.device`` too, the string 'cpu', which would otherwise read as a device mismatch)."""
+    present = {k: check_tensor(fn, k, v) for k, v in tensors.items() if v is not None}
     devices = {k: v.device for k, v in present.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
@@ -71,12 +73,23 @@ def is_real_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and math.isfinite(value)
 
 
-def check_positive(fn: str, name: str, value: object, *, allow_none: bool = False) -> None:
-    """A finite number > 0 (inf is refused: a softcap or temperature of inf turns the logits into NaN)."""
+def check_positive(fn: str, name: str, value: object, *, allow_none: bool = False,
+                   compute_dtype: Optional[torch.dtype] = None) -> None:
+    """A finite number > 0 (inf is refused: a softcap or temperature of inf turns the logits into NaN).
+
+    ``compute_dtype``: the kernels use the value in that dtype, so it must be a normal number there:
+    in float32 a softcap of 1e-50 rounds to 0, the encoding of "no softcap", and one above 3.4e38 to
+    inf (inf * tanh(z / inf) = NaN); a temperature below the smallest normal divides the logits into inf.
+    """
     if value is None and allow_none:
         return
     if not is_real_number(value) or not value > 0:
         raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value!r}")
+    if compute_dtype is not None:
+        info = torch.finfo(compute_dtype)
+        if not info.tiny <= value <= info.max:
+            raise ValueError(f"{fn}: {name} must be in [{info.tiny:.4g}, {info.max:.4g}], the normal numbers of the "
+                             f"kernels' {dtype_name(compute_dtype)}; got {value!r}")
 
 
 def check_index(fn: str, name: str, value: object) -> None:
@@ -172,8 +185,9 @@ def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name
             raise TypeError(f"{fn}: bias must have weight's dtype {weight.dtype}; got {bias.dtype}")
     check_same_device(fn, hidden=hidden, weight=weight, **{ids_name: ids}, bias=bias)
     check_not_meta(fn, hidden=hidden, weight=weight, **{ids_name: ids}, bias=bias)
-    check_positive(fn, "temperature", temperature)
-    check_positive(fn, "softcap", softcap, allow_none=True)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    check_positive(fn, "temperature", temperature, compute_dtype=compute)
+    check_positive(fn, "softcap", softcap, allow_none=True, compute_dtype=compute)
     if ignore_index is not None:
         check_index(fn, "ignore_index", ignore_index)
     if bias is not None:
@@ -184,7 +198,8 @@ def check_lm_head(fn: str, hidden: Tensor, weight: Tensor, ids: Tensor, ids_name
     if ids.numel():
         v = weight.shape[0]
         out = (ids < 0) | (ids >= v)
-        bad = out if ignore_index is None else out & (ids != ignore_index)
+        # compared in int64, as linear_logprobs selects its rows: int32 ids would wrap 2**32 - 100 to -100
+        bad = out if ignore_index is None else out & (ids.long() != int(ignore_index))
         allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
         checks.require(~bad.any(), lambda: f"{fn}: {ids_name} must be in [0, V) = [0, {v}){allowed}; "
                                            f"got {int(ids[bad].reshape(-1)[0])}")

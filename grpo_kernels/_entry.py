@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from . import backends
-from ._checks import DataChecks, check_config, check_kept_ids, check_lm_head, check_tensor
+from ._checks import DataChecks, check_config, check_index, check_kept_ids, check_lm_head, check_tensor
 from .policy_loss import Number, validate_loss_inputs
 
 LOGPROBS = "linear_logprobs"
@@ -29,6 +29,7 @@ def logprobs_call(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optiona
     """Validate a ``linear_logprobs`` call (hidden [..., D], weight [V, D], targets [...]) -> the backend that runs it."""
     fn = LOGPROBS
     checks = DataChecks(fn) if checks is None else checks
+    check_index(fn, "ignore_index", ignore_index)  # an int here (None is the fused loss's "no sentinel")
     check_lm_head(fn, hidden, weight, targets, "targets", bias, temperature, softcap, ignore_index, checks)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{fn}: return_entropy must be a bool; got {type(return_entropy).__name__}")

@@ -489,7 +489,9 @@ def grpo_loss(
     Returns:
         GRPOLossOutput with the scalar loss and metrics ``kl`` (when ref_logp is given),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` and ``entropy``
-        (when entropy is given): token means over the completion tokens.
+        (when entropy is given): token means over the completion tokens. The loss is float32 (float64
+        for float64 logp): 16-bit logp is widened first. Gradients flow into logp and entropy only;
+        old_logp, ref_logp, advantages and is_ratio are taken as constants (detached).
     """
     fn = "grpo_loss"
     check_config(fn, config)
@@ -504,6 +506,8 @@ def grpo_loss(
     if entropy is not None:
         check_float(fn, "entropy", entropy)
         check_shape(fn, "entropy", entropy, logp.shape, "logp")
+        check_same_device(fn, logp=logp, entropy=entropy)
+        check_not_meta(fn, entropy=entropy)
         checks.finite_where("entropy", entropy.detach(), mask != 0)
     elif config.needs_entropy:
         raise ValueError(f"{fn}: entropy is required when config.entropy_coef != 0 or config.top_entropy_quantile < 1")
@@ -529,8 +533,18 @@ def grpo_loss_unchecked(logp: Tensor, advantages: Tensor, mask: Tensor, config: 
                         is_ratio: Optional[Tensor] = None, num_items_in_batch: Optional[Number] = None,
                         entropy: Optional[Tensor] = None, dp_group: DPGroup = None) -> GRPOLossOutput:
     """:func:`grpo_loss` without validation, for callers that validated the same inputs already
-    (the fused loss, the DTensor path, integrations). Same arguments, shapes and result; weights in logp's dtype."""
+    (the fused loss, the DTensor path, integrations). Same arguments, shapes and result; computed in float32
+    (float64 for float64 logp), whatever logp's dtype."""
     B, T = logp.shape
+    # float32 at least: the normalizers (mask sums, num_items_in_batch) overflow float16 past 65504 and
+    # would zero the loss; autograd casts the gradient back to logp's dtype
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    logp = logp.to(acc)
+    entropy = None if entropy is None else entropy.to(acc)
+    # the sampling policy's and the reference's log-probs, the advantages and the IS ratio are constants
+    # (TRL computes them without a graph): a graph-carrying old_logp=logp would cancel the policy gradient
+    old_logp, ref_logp, advantages, is_ratio = (None if x is None else x.detach()
+                                                for x in (old_logp, ref_logp, advantages, is_ratio))
     old = logp.detach() if old_logp is None else old_logp
     phi = None
     if config.loss_type == "vespo":

@@ -61,7 +61,7 @@ def linear_logprobs(
     (float64 when ``compute_dtype=torch.float64``). Tokens equal to ignore_index get 0.
     """
     z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap, compute_dtype=compute_dtype)
-    valid = targets != ignore_index
+    valid = targets.long() != ignore_index  # in int64: int32 ids would wrap a sentinel outside int32
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lse = torch.logsumexp(z, dim=-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)

@@ -118,7 +118,18 @@ LOGPROBS_REFUSED = {
     "temperature-nan": (ValueError, "temperature", lambda p: dict(temperature=NAN)),
     "temperature-negative": (ValueError, "temperature", lambda p: dict(temperature=-1.0)),
     "temperature-bool": (ValueError, "temperature", lambda p: dict(temperature=True)),
+    # a softcap / temperature the kernels' float32 cannot hold: 1e-50 rounded to 0 ("no softcap") on cpu, and
+    # 1e39 to inf (NaN log-probs on every backend)
+    "softcap-below-fp32": (ValueError, "softcap", lambda p: dict(softcap=1e-50)),
+    "softcap-above-fp32": (ValueError, "softcap", lambda p: dict(softcap=1e39)),
+    "temperature-below-fp32": (ValueError, "temperature", lambda p: dict(temperature=1e-39)),
+    "temperature-above-fp32": (ValueError, "temperature", lambda p: dict(temperature=1e39)),
     "ignore-index-float": (TypeError, "ignore_index", lambda p: dict(ignore_index=-100.0)),
+    "ignore-index-none": (TypeError, "ignore_index", lambda p: dict(ignore_index=None)),
+    # int32 ids: the check used to compare in int32, where 2**32 - 100 wraps to -100, and let a -100 id through
+    # to the kernels, which returned -logsumexp for it
+    "ignore-index-wraps-int32": (ValueError, "targets", lambda p: dict(targets=_set(p["ids"].int(), (0, 0), -100),
+                                                                       ignore_index=2**32 - 100)),
     "ignore-index-beyond-int64": (ValueError, "ignore_index", lambda p: dict(ignore_index=2**70)),
     "return-entropy-int": (TypeError, "return_entropy", lambda p: dict(return_entropy=1)),
     "backend-unknown": (ValueError, "backend", lambda p: dict(backend="gpu")),
@@ -309,6 +320,11 @@ FUSED_REFUSED = {
     "adv-shape": (ValueError, "advantages", lambda p: dict(advantages=p["adv"][:1])),
     "old-shape": (ValueError, "old_logp", lambda p: dict(old_logp=p["old"][:, :2])),
     "old-int": (TypeError, "old_logp", lambda p: dict(old_logp=p["old"].long())),
+    # a numpy array has .device == "cpu" (a str): it used to read as "all tensors must be on one device"
+    "old-numpy": (TypeError, "old_logp", lambda p: dict(old_logp=p["old"].numpy())),
+    "ref-list": (TypeError, "ref_logp", lambda p: dict(ref_logp=p["ref"].tolist())),
+    "softcap-above-fp32": (ValueError, "softcap", lambda p: dict(config=gk.GRPOConfig(loss_type="dapo", beta=0.04,
+                                                                                       logit_softcap=1e39))),
     "ref-missing": (ValueError, "ref_logp", lambda p: dict(ref_logp=None)),
     "all-on-meta": (ValueError, "hidden", lambda p: {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in dict(
         hidden=p["hidden"], weight=p["weight"], completion_ids=p["ids"], mask=p["mask"], advantages=p["adv"],
@@ -535,6 +551,8 @@ GRPO_REFUSED = {
     "all-on-meta": (ValueError, "logp", lambda p: {k: v.to("meta") for k, v in p.items()}),
     "mask-on-meta": (ValueError, "mask", lambda p: dict(mask=p["mask"].to("meta"))),
     "entropy-shape": (ValueError, "entropy", lambda p: dict(entropy=p["entropy"][:, :2])),
+    "entropy-on-meta": (ValueError, "entropy", lambda p: dict(entropy=p["entropy"].to("meta"))),
+    "is-ratio-numpy": (TypeError, "is_ratio", lambda p: dict(is_ratio=torch.ones(B).numpy())),
     "logp-1d": (ValueError, "logp", lambda p: dict(logp=p["logp"].reshape(-1))),
 }
 
@@ -545,6 +563,62 @@ def test_grpo_loss_refuses(case):
     p = _loss_inputs(problem())
     p.update(over(p))
     refused(exc, "grpo_loss", arg, lambda: _grpo(p))
+
+
+FP16_NORMALIZERS = {
+    # the reduction's normalizers were formed in logp's dtype: float16 overflows past 65504 and zeroed the loss
+    "dapo-num-items-70000": ("dapo", dict(num_items_in_batch=70000)),
+    "bnpo-mask-weights-3e4": ("bnpo", dict(mask=torch.tensor([[3e4, 3e4, 3e4], [1.0, 1.0, 0.0]]))),
+    "grpo-mask-weights-3e4": ("grpo", dict(mask=torch.tensor([[3e4, 3e4, 3e4], [1.0, 1.0, 0.0]]))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FP16_NORMALIZERS, ids=str)
+def test_grpo_loss_16bit_logp_agrees_with_float64(case, dtype):
+    """16-bit logp: loss and gradient equal the float64 computation on the same (rounded) values."""
+    loss_type, over = FP16_NORMALIZERS[case]
+    p = _loss_inputs(problem())
+    p.update(over)
+    cfg = gk.GRPOConfig(loss_type=loss_type, beta=0.04)
+    lp16 = p["logp"].to(dtype).requires_grad_()
+    lp64 = lp16.detach().double().requires_grad_()
+    out16 = _grpo(dict(p, logp=lp16), cfg)
+    out64 = _grpo(dict(p, logp=lp64, **{k: p[k].double() for k in ("old_logp", "ref_logp", "entropy", "advantages")}),
+                  cfg)
+    (g16,), (g64,) = torch.autograd.grad(out16.loss, [lp16]), torch.autograd.grad(out64.loss, [lp64])
+    assert out16.loss.dtype == torch.float32
+    torch.testing.assert_close(out16.loss.double(), out64.loss.detach(), rtol=1e-5, atol=0)
+    # the gradient comes back in logp's dtype: one rounding of the float64 gradient
+    torch.testing.assert_close(g16, g64.to(dtype), rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def test_grpo_loss_takes_old_and_ref_logp_as_constants():
+    """old_logp / ref_logp / advantages carrying a graph get no gradient and do not change logp's: passing
+    old_logp=logp (on-policy, undetached) used to cancel the policy-gradient term silently."""
+    p = _loss_inputs(problem())
+    lp = p["logp"].clone().requires_grad_()
+    adv = p["advantages"].clone().requires_grad_()
+    ref = p["ref_logp"].clone().requires_grad_()
+    out = _grpo(dict(p, logp=lp, old_logp=lp, ref_logp=ref, advantages=adv))
+    got = torch.autograd.grad(out.loss, [lp, ref, adv], allow_unused=True)
+    lp2 = p["logp"].clone().requires_grad_()
+    (want,) = torch.autograd.grad(_grpo(dict(p, logp=lp2, old_logp=lp2.detach())).loss, [lp2])
+    assert torch.equal(got[0], want), "a graph-carrying old_logp changed logp's gradient"
+    assert got[1] is None and got[2] is None, "gradient flowed into ref_logp / advantages"
+
+
+@pytest.mark.parametrize("value", ["cpp", "cpu"])
+def test_backend_environment_variable_is_named(monkeypatch, value):
+    """GRPO_KERNELS_BACKEND overrides backend="auto": a misspelling is refused by name (it used to be ignored),
+    and an error of the backend it picks says that the environment picked it."""
+    p = problem()
+    monkeypatch.setenv("GRPO_KERNELS_BACKEND", value)
+    h, w = (p[k].double() for k in ("hidden", "weight"))  # float64: no kernel backend takes it
+    exc = ValueError if value == "cpp" else (TypeError, RuntimeError)  # RuntimeError: grpo_kernels._C not built
+    with pytest.raises(exc, match="GRPO_KERNELS_BACKEND") as info:
+        gk.linear_logprobs(h, w, p["ids"])
+    assert str(info.value).startswith("linear_logprobs: ")
 
 
 GRPO_PADDING = {

@@ -290,7 +290,15 @@ def resolve(fn: str, name: str, device: torch.device, dtype: Optional[torch.dtyp
     check_name(fn, name)
     if name == "auto":
         env = os.environ.get("GRPO_KERNELS_BACKEND", "auto")
-        name = env if env in BACKENDS and (has_cpu_kernel or env != "cpu") else "auto"
+        if env not in BACKENDS:  # a misspelling must not fall back to "auto" unnoticed
+            raise ValueError(f"{fn}: the environment variable GRPO_KERNELS_BACKEND must be one of {', '.join(BACKENDS)}; "
+                             f"got {env!r}")
+        if env != "auto" and (has_cpu_kernel or env != "cpu"):
+            try:
+                return resolve(fn, env, device, dtype, has_cpu_kernel=has_cpu_kernel)
+            except (ValueError, TypeError, RuntimeError) as exc:  # the caller asked for "auto": say where env came from
+                raise type(exc)(f"{exc} (backend={env!r} comes from the environment variable GRPO_KERNELS_BACKEND; "
+                                "the call asked for backend='auto')") from None
     if name == "auto":
         if dtype == torch.float64 and has_cpu_kernel:  # the kernels stop at fp32; float64 is for gradcheck and oracles
             return "torch"
