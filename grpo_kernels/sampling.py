@@ -10,35 +10,48 @@ trainer's kernels) while the sampler drew them from its own, slightly different,
   which multiplies the policy-gradient term (vespo folds it into its gamma weight instead).
 - :func:`off_policy_sequence_mask`: DeepSeek-V3.2's off-policy sequence mask, which drops a sequence
   with a negative advantage whose sampled tokens are, on average, too unlikely under the current
-  policy. Multiply the advantages by it: the policy-gradient term of a dropped sequence becomes 0
-  for every loss_type, while the KL term, the normalizers and the clip statistics are untouched (as in
-  TRL, which multiplies the per-token policy loss). It is not an ``is_ratio``, since vespo reads
-  ``is_ratio`` inside its gamma weight, and not a mask, which would change the normalizers and the KL.
+  policy. Multiply the advantages by it (it has their shape, so the product is elementwise): the
+  policy-gradient term of a dropped sequence becomes 0 for every loss_type, while the KL term, the
+  normalizers and the clip statistics are untouched (as in TRL, which multiplies the per-token
+  policy loss). It is not an ``is_ratio``, since vespo reads ``is_ratio`` inside its gamma weight,
+  and not a mask, which would change the normalizers and the KL.
 
-Both work on [B, T] float tensors and never see the vocabulary.
+Both work on [B, T] float tensors and never see the vocabulary. Both validate like ``grpo_loss``:
+the mask must be real, finite and non-negative, and the trainer's ``logp`` finite at every token the
+mask keeps (only the sampler may fail to score a token: a NaN in ``logp`` would otherwise pass as
+"no correction").
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._checks import check_float, check_shape, check_tensor
+from ._checks import DataChecks, check_float, check_not_meta, check_real_mask, check_shape, check_tensor, is_real_number
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def _check_bound(fn: str, name: str, value: Optional[float]) -> None:
+def _check_bound(fn: str, name: str, value: Optional[float]) -> Optional[float]:
+    """A clip bound: None (open) or a real number, numpy scalars included, returned as a Python float."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
         raise ValueError(f"{fn}: {name} must be None or a number; got {value!r}")
+    return float(value)
 
 
-def _check_logps(fn: str, logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> None:
+def _check_logps(fn: str, logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> DataChecks:
+    """Metadata checks of the three [B, T] inputs; returns the data checks, for the caller to add to and run.
+
+    The mask gets grpo_loss's rules (real, finite, >= 0): a negative mask would flip the sign of the
+    log-ratio and a complex one has no order, and the result feeds the same loss. ``logp`` must be
+    finite where the mask keeps a token: ``nan_to_num`` below is for the sampler's unscored tokens only.
+    """
     check_float(fn, "logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"{fn}: logp must be [B, T]; got shape {tuple(logp.shape)}")
@@ -46,9 +59,20 @@ def _check_logps(fn: str, logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> N
     check_shape(fn, "sampler_logp", sampler_logp, logp.shape, "logp")
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, logp.shape, "logp")
+    check_real_mask(fn, mask)
     for name, x in (("sampler_logp", sampler_logp), ("mask", mask)):
         if x.device != logp.device:
             raise ValueError(f"{fn}: {name} must be on logp's device {logp.device}; got {x.device}")
+    check_not_meta(fn, logp=logp, sampler_logp=sampler_logp, mask=mask)
+    checks = DataChecks(fn)
+    if mask.is_floating_point():
+        checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights); "
+                                                           f"got {int((~torch.isfinite(mask)).sum())} NaN/inf value(s)")
+    if mask.dtype != torch.bool:
+        checks.require(~(mask < 0).any(), lambda: f"{fn}: mask must be non-negative (0 for padding, 1 for completion "
+                                                  f"tokens); got {int((mask < 0).sum())} negative value(s)")
+    checks.finite_where("logp", logp, mask != 0)
+    return checks
 
 
 @torch.no_grad()
@@ -70,9 +94,10 @@ def importance_sampling_ratio(
     that range (MIS). A None bound is open. TRL's ``vllm_importance_sampling_*`` semantics.
 
     Args:
-        logp: [B, T] log-probs of the sampled tokens under the trainer's (old) policy.
+        logp: [B, T] log-probs of the sampled tokens under the trainer's (old) policy; finite
+            wherever mask != 0 (anything on padding).
         sampler_logp: [B, T] the sampler's log-probs of the same tokens (NaN where unknown).
-        mask: [B, T] completion mask (0 on padding).
+        mask: [B, T] completion mask (0 on padding): bool, integer or real floating, finite, >= 0.
         mode: token_truncate | token_mask | sequence_truncate | sequence_mask.
         clip_min, clip_max: the bounds (None: open); a truncate mode needs at least one.
 
@@ -80,15 +105,16 @@ def importance_sampling_ratio(
         float32 [B, T] (token modes) or [B, 1] (sequence modes), detached, >= 0.
     """
     fn = "importance_sampling_ratio"
-    _check_logps(fn, logp, sampler_logp, mask)
+    checks = _check_logps(fn, logp, sampler_logp, mask)
     if mode not in IS_MODES:
         raise ValueError(f"{fn}: mode must be one of {', '.join(IS_MODES)}; got {mode!r}")
-    _check_bound(fn, "clip_min", clip_min)
-    _check_bound(fn, "clip_max", clip_max)
+    clip_min = _check_bound(fn, "clip_min", clip_min)
+    clip_max = _check_bound(fn, "clip_max", clip_max)
     if clip_min is not None and clip_max is not None and not clip_min < clip_max:
         raise ValueError(f"{fn}: clip_min must be < clip_max; got clip_min={clip_min}, clip_max={clip_max}")
     if mode.endswith("truncate") and clip_min is None and clip_max is None:
         raise ValueError(f"{fn}: clip_min or clip_max must be set for mode={mode!r}; got both None")
+    checks.run()
     diff = torch.nan_to_num((logp.float() - sampler_logp.float()) * mask.float(), nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
@@ -108,28 +134,46 @@ def off_policy_sequence_mask(
 
     A sequence is kept when its advantage is >= 0 or when the mean over its completion tokens
     of ``sampler_logp - logp`` (a per-token KL estimate, NaN sampler log-probs counting 0) is at
-    most ``threshold``. Multiply the loss's ``advantages`` by the result (see the module docstring).
+    most ``threshold``. The result has the shape of ``advantages``: pass ``advantages * result`` as
+    the loss's advantages (see the module docstring). Not [B, 1] for [B] advantages: that product
+    would broadcast to [B, B], which the loss reads as per-token advantages when B == T.
 
     Args:
-        advantages: [B], [B, 1] or [B, T] (per-token advantages give a per-token result).
-        logp: [B, T] log-probs under the current policy (no gradient is taken).
+        advantages: [B], [B, 1] or [B, T] (per-token advantages give a per-token result); finite
+            wherever the mask keeps a token.
+        logp: [B, T] log-probs under the current policy (no gradient is taken); finite wherever mask != 0.
         sampler_logp: [B, T] log-probs under the policy that sampled (the sampler's, or the old policy's).
-        mask: [B, T] completion mask.
-        threshold: the KL threshold (TRL's ``off_policy_mask_threshold``).
+        mask: [B, T] completion mask: bool, integer or real floating, finite, >= 0.
+        threshold: the KL threshold (TRL's ``off_policy_mask_threshold``), a finite number.
 
     Returns:
-        float32 [B, 1] ([B, T] for per-token advantages), 0.0 or 1.0.
+        float32 0.0 / 1.0 of advantages' shape ([B], [B, 1] or [B, T]), on their device.
     """
     fn = "off_policy_sequence_mask"
-    _check_logps(fn, logp, sampler_logp, mask)
+    checks = _check_logps(fn, logp, sampler_logp, mask)
     check_float(fn, "advantages", advantages)
     B, T = logp.shape
     if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
         raise ValueError(f"{fn}: advantages must be [B] = ({B},), [B, 1] or [B, T] = ({B}, {T}); got {tuple(advantages.shape)}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if advantages.device != logp.device:
+        raise ValueError(f"{fn}: advantages must be on logp's device {logp.device}; got {advantages.device}")
+    check_not_meta(fn, advantages=advantages)
+    if not is_real_number(threshold):  # numpy scalars are numbers too
         raise ValueError(f"{fn}: threshold must be a finite number; got {threshold!r}")
+    # a NaN advantage compares False with 0 and would silently decide by the KL alone
+    if advantages.shape == (B, T):
+        checks.finite_where("advantages", advantages, mask != 0)
+    else:
+        live = (mask != 0).any(-1)
+        bad = live & ~torch.isfinite(advantages.reshape(B))
+        checks.none(bad, lambda first: f"{fn}: advantages must be finite for every sequence with a kept token; got "
+                                       f"{int(bad.sum())} NaN/inf value(s), the first "
+                                       f"{advantages.reshape(B)[first[0]].item()} at sequence {first[0]}")
+    adv = advantages.reshape(B, 1) if advantages.dim() == 1 else advantages
+    checks.run()
     m = mask.float()
     kl = torch.nan_to_num(sampler_logp.float() - logp.detach().float(), nan=0.0)
     mean_kl = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    adv = advantages.reshape(B, 1) if advantages.dim() == 1 else advantages
-    return ((adv >= 0) | (mean_kl <= threshold)).float()
+    keep = ((adv >= 0) | (mean_kl <= float(threshold))).float()
+    # advantages' own shape, so that ``advantages * keep`` is elementwise whatever their layout
+    return keep.reshape(advantages.shape)

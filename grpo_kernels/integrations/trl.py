@@ -300,7 +300,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             # TRL measures the drift against the sampler's log-probs when it has them, else the old policy's
             sampler = inputs.get("sampling_per_token_logps", old if old is not None else current)
             keep = gk.off_policy_sequence_mask(advantages, current, sampler, mask, self.off_policy_mask_threshold)
-            loss_adv = advantages * (keep.squeeze(-1) if advantages.dim() == 1 else keep)
+            loss_adv = advantages * keep  # keep has advantages' shape
 
         coef = 0.0
         if self._entropy_bonus_enabled:

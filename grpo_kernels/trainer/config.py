@@ -13,10 +13,11 @@ learning. Each field's ``help`` metadata doubles as the command-line help.
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .._checks import is_real_number
 from ..config import KL_ESTIMATORS, LOSS_TYPES, GRPOConfig
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -79,14 +80,25 @@ class TrainerConfig:
         "seconds one reward-function call may take; past it training stops with an error naming the function (0: no limit)"))
 
     def __post_init__(self) -> None:
+        # numpy scalars are numbers (as in GRPOConfig): stored as Python ints / floats, so that to_dict()
+        # stays JSON-able for the checkpoints and nothing numpy reaches tensor arithmetic. A float in an
+        # int field stays as it is, to be refused below.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+                continue
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, f.name, int(value))
+            elif "float" in str(f.type):
+                object.__setattr__(self, f.name, float(value))
+
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"TrainerConfig: {name} must be {expected}; got {getattr(self, name)!r}")
 
         def is_int(x: object) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        def is_num(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        is_num = is_real_number  # finite, not bool
 
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise bad("model", "None or a directory path")
@@ -129,8 +141,16 @@ class TrainerConfig:
             raise bad("gradient_accumulation_steps", f"a divisor of prompts_per_step * num_generations = {batch}")
         if self.ref_sync_steps and self.beta == 0:
             raise bad("ref_sync_steps", "0 when beta = 0 (there is no reference model to sync)")
-        # beta, epsilon_*, loss_type combinations: GRPOConfig validates them (messages name the field).
-        self.grpo_config(temperature=self.temperature, logit_softcap=None)
+        # beta, epsilon_*, loss_type combinations: GRPOConfig validates them and names the field, which has
+        # the same name here except max_completion_length (our max_new_tokens); the message is re-addressed
+        # to TrainerConfig, the class the user built.
+        try:
+            self.grpo_config(temperature=self.temperature, logit_softcap=None)
+        except ValueError as exc:
+            message = str(exc).replace("max_completion_length", "max_new_tokens")
+            if message.startswith("GRPOConfig: "):
+                message = "TrainerConfig: " + message[len("GRPOConfig: "):]
+            raise ValueError(message) from None
 
     def grpo_config(self, temperature: float, logit_softcap: Optional[float]) -> GRPOConfig:
         """The loss options, with the kernel temperature and soft-cap the model's head calls for."""

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import is_real_number
+
 RewardFn = Callable[..., Sequence[Optional[float]]]
 
 
@@ -82,6 +84,15 @@ def _call(fn: RewardFn, kwargs: dict[str, Any], timeout: Optional[float]) -> Any
     return result["value"]
 
 
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def _short(v: Any) -> str:
+    """A reward for an error message: an int of hundreds of digits is shown by its start and its length."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:12]}... ({len(text)} characters)"
+
+
 def _as_list(values: Any, name: str, B: int) -> list[Any]:
     """A reward function's return as a list: a list or tuple, or a 1-d tensor or array; nothing else."""
     if isinstance(values, (Tensor, np.ndarray)):
@@ -108,11 +119,12 @@ def compute_rewards(
         RuntimeError: a reward function raised (the message names it; the original is chained).
         TimeoutError: a call took longer than ``timeout`` (the message names the function).
         ValueError / TypeError: a function returned something other than a list (or tuple, or 1-d
-            tensor or array), the wrong number of values, a non-number, or ±inf.
+            tensor or array), the wrong number of values, a non-number, or a value that is not
+            finite in float32 (±inf, 1e39, 10**400); the message names the function and the index.
     """
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0 or not math.isfinite(timeout)):
+    if timeout is not None and (not is_real_number(timeout) or not timeout > 0):  # numpy scalars are numbers
         raise ValueError(f"compute_rewards: timeout must be None or a finite number > 0; got {timeout!r}")
+    timeout = None if timeout is None else float(timeout)  # a numpy scalar would reach setitimer
     B = len(completions)
     out = torch.empty(B, len(reward_fns), dtype=torch.float32)
     for j, fn in enumerate(reward_fns):
@@ -132,9 +144,16 @@ def compute_rewards(
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"reward function {name!r} returned {type(v).__name__} at index {i}; expected float or None")
-            if math.isinf(float(v)):
-                raise ValueError(f"reward function {name!r} returned {v} at index {i}; rewards must be finite (None: unscorable)")
-            out[i, j] = float(v)
+            # the rewards are float32: a value beyond its range (1e39, or an int like 10**400 that no
+            # float holds) would otherwise surface as a raw torch RuntimeError / OverflowError
+            try:
+                r = float(v)
+            except OverflowError:
+                r = math.inf
+            if abs(r) > F32_MAX:  # NaN compares False: it means unscored
+                raise ValueError(f"reward function {name!r} returned {_short(v)} at index {i}; rewards must be finite "
+                                 f"in float32 (|r| <= {F32_MAX:.4g}; None: unscorable)")
+            out[i, j] = r
     return out
 
 

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import reference
+from ..advantages import _reward_weights as _checked_weights
 from ..advantages import group_advantages
 from ..fused import FusedLinearGRPOLoss
 from ..logprobs import linear_logprobs
@@ -154,7 +155,8 @@ class GRPOTrainer:
         train_rows: task rows, each a dict with a ``"prompt"`` string; the other fields are passed to
             the reward functions as keyword columns.
         reward_fns: ``fn(prompts=..., completions=..., **columns) -> list[float | None]``.
-        reward_weights: one weight per reward function (default all 1).
+        reward_weights: one weight per reward function (default all 1): a sequence of real numbers
+            (not bools, not a str) or a real [R] CPU tensor, finite in float32.
         eval_rows: held-out rows for greedy evaluation (every ``config.eval_steps`` steps and on demand).
         eval_fn: scores a greedy completion like a reward function; :meth:`evaluate` reports its mean
             (with an exact-match verifier, the held-out accuracy).
@@ -177,7 +179,7 @@ class GRPOTrainer:
         train_rows: Sequence[Row],
         reward_fns: Sequence[RewardFn],
         *,
-        reward_weights: Optional[Sequence[float]] = None,
+        reward_weights: Optional[Union[Tensor, Sequence[float]]] = None,
         eval_rows: Optional[Sequence[Row]] = None,
         eval_fn: Optional[RewardFn] = None,
         metadata: Optional[dict[str, Any]] = None,
@@ -189,10 +191,7 @@ class GRPOTrainer:
             raise ValueError("GRPOTrainer: train_rows must be a non-empty sequence of dicts with a 'prompt' string")
         if not reward_fns or not all(callable(f) for f in reward_fns):
             raise ValueError("GRPOTrainer: reward_fns must be a non-empty sequence of callables")
-        weights = [1.0] * len(reward_fns) if reward_weights is None else [float(w) for w in reward_weights]
-        if len(weights) != len(reward_fns) or not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"GRPOTrainer: reward_weights must be {len(reward_fns)} finite numbers, one per reward "
-                             f"function; got {reward_weights!r}")
+        weights = _reward_weights(reward_weights, len(reward_fns))
         if (eval_rows is None) != (eval_fn is None):
             raise ValueError("GRPOTrainer: eval_rows and eval_fn must be given together")
         self.dp = parallel.current(fsdp)  # None: one process, the code path of before
@@ -203,7 +202,7 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.train_rows = list(train_rows)
         self.reward_fns = list(reward_fns)
-        self.reward_weights = torch.tensor(weights)
+        self.reward_weights = weights
         self.reward_names = _unique([reward_name(f) for f in reward_fns])
         self.eval_rows = None if eval_rows is None else list(eval_rows)
         self.eval_fn = eval_fn
@@ -673,6 +672,31 @@ class GRPOTrainer:
             group["lr"] = cfg.learning_rate * factor(sched.last_epoch)
             group["weight_decay"] = cfg.weight_decay
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _reward_weights(reward_weights: Optional[Union[Tensor, Sequence[float]]], n_fns: int) -> Tensor:
+    """reward_weights as the float32 [R] CPU tensor the rewards are weighted with, refused by name at construction.
+
+    group_advantages receives these weights at every step, so its rule is the rule here (a sequence of
+    real non-bool numbers, not a str, or a real tensor; one per reward column; finite); it is applied
+    now, with the message addressed to GRPOTrainer, rather than at the first step. The rewards are
+    float32 on the CPU (compute_rewards), so the weights must be finite in float32 too: 1e39 would
+    pass the float64 check and become inf here.
+    """
+    if reward_weights is None:
+        return torch.ones(n_fns)
+    anchor = torch.empty(0)  # the rewards' device and layout: compute_rewards builds them on the CPU
+    try:
+        w = _checked_weights(reward_weights, n_fns, anchor, torch.float64)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith("group_advantages: "):
+            message = "GRPOTrainer: " + message[len("group_advantages: "):]
+        raise type(exc)(message) from None
+    if not bool(torch.isfinite(w.float()).all()):
+        raise ValueError(f"GRPOTrainer: reward_weights must be finite in float32 (|w| <= "
+                         f"{torch.finfo(torch.float32).max:.4g}), the rewards' dtype; got {w.tolist()}")
+    return w.float()
 
 
 def _check_split(config: TrainerConfig, world_size: int) -> None:
