@@ -106,6 +106,18 @@ def check_real_mask(fn: str, mask: Tensor) -> None:
         raise TypeError(f"{fn}: mask must be a bool, integer or real floating tensor; got {dtype_name(mask.dtype)}")
 
 
+def check_mask_values(fn: str, mask: Tensor, checks: "DataChecks") -> None:
+    """A completion mask's rules (grpo_loss and the sampling helpers): real (:func:`check_real_mask`),
+    finite and >= 0 everywhere (data checks, joining ``checks``); a negative weight flips a token's sign."""
+    check_real_mask(fn, mask)
+    if mask.is_floating_point():
+        checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights); "
+                                                           f"got {int((~torch.isfinite(mask)).sum())} NaN/inf value(s)")
+    if mask.dtype != torch.bool:
+        checks.require(~(mask < 0).any(), lambda: f"{fn}: mask must be non-negative (0 for padding, 1 for completion "
+                                                  f"tokens); got {int((mask < 0).sum())} negative value(s)")
+
+
 def check_not_meta(fn: str, **tensors: Optional[Tensor]) -> None:
     """Meta tensors hold no values, and every public function validates values (ids, finiteness)."""
     for name, x in tensors.items():

@@ -93,25 +93,27 @@ def torch_group_advantages(rewards: Tensor, weights: Tensor, group_size: Optiona
     return torch.where(valid & keep[index], adv, 0.0).to(out_dtype)
 
 
-def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int, rewards: Tensor, dt: torch.dtype) -> Tensor:
-    """reward_weights validated and converted to a [R] tensor of the compute dtype on rewards' device."""
+def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int, rewards: Tensor, dt: torch.dtype,
+                    fn: str = FN) -> Tensor:
+    """reward_weights validated and converted to a [R] tensor of the compute dtype on rewards' device; errors
+    name ``fn`` (the trainer checks its weights by this rule at construction)."""
     if isinstance(reward_weights, Tensor):
         if reward_weights.dtype == torch.bool or reward_weights.is_complex():
-            raise TypeError(f"{FN}: reward_weights must be a real-valued tensor; got {dtype_name(reward_weights.dtype)}")
+            raise TypeError(f"{fn}: reward_weights must be a real-valued tensor; got {dtype_name(reward_weights.dtype)}")
         if reward_weights.device != rewards.device:
-            raise ValueError(f"{FN}: reward_weights must be on rewards' device {rewards.device}; got {reward_weights.device}")
+            raise ValueError(f"{fn}: reward_weights must be on rewards' device {rewards.device}; got {reward_weights.device}")
         w = reward_weights.detach()
     else:
         numbers_only = isinstance(reward_weights, Sequence) and not isinstance(reward_weights, str) and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in reward_weights)
         if not numbers_only:
-            raise TypeError(f"{FN}: reward_weights must be a tensor or a sequence of numbers; got {reward_weights!r}")
+            raise TypeError(f"{fn}: reward_weights must be a tensor or a sequence of numbers; got {reward_weights!r}")
         w = torch.tensor([float(v) for v in reward_weights], dtype=torch.float64, device=rewards.device)
     if tuple(w.shape) != (n_cols,):
-        raise ValueError(f"{FN}: reward_weights must have shape [R] = ({n_cols},), one weight per reward column; "
+        raise ValueError(f"{fn}: reward_weights must have shape [R] = ({n_cols},), one weight per reward column; "
                          f"got {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{FN}: reward_weights must be finite; got {w.tolist()}")
+        raise ValueError(f"{fn}: reward_weights must be finite; got {w.tolist()}")
     return w.to(dt)
 
 

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import (DataChecks, check_config, check_float, check_not_meta, check_num_items, check_real_mask,
+from ._checks import (DataChecks, check_config, check_float, check_mask_values, check_not_meta, check_num_items,
                       check_same_device, check_shape, check_tensor)
 from .config import CLIPPED_SURROGATE, GRPOConfig
 
@@ -410,16 +410,12 @@ def validate_loss_inputs(
     B, T = logp_shape
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, (B, T), "the completion tokens")
-    check_real_mask(fn, mask)
     check_float(fn, "advantages", advantages)
     check_same_device(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
     if advantages.device != device:
         raise ValueError(f"{fn}: all tensors must be on one device; got logp on {device}, advantages on {advantages.device}")
     check_not_meta(fn, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
-    if mask.is_floating_point():
-        checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights)")
-    if mask.dtype != torch.bool:
-        checks.require(~(mask < 0).any(), lambda: f"{fn}: mask must be non-negative (0 for padding, 1 for completion tokens)")
+    check_mask_values(fn, mask, checks)
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"{fn}: advantages must be [B] = ({B},) per sequence or [B, T] = ({B}, {T}) per token; got {tuple(advantages.shape)}")
     # only advantages that reach the loss must be finite: padding may hold anything

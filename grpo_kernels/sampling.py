@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import DataChecks, check_float, check_not_meta, check_real_mask, check_shape, check_tensor, is_real_number
+from ._checks import DataChecks, check_float, check_mask_values, check_not_meta, check_shape, check_tensor, is_real_number
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -59,18 +59,12 @@ def _check_logps(fn: str, logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> D
     check_shape(fn, "sampler_logp", sampler_logp, logp.shape, "logp")
     check_tensor(fn, "mask", mask)
     check_shape(fn, "mask", mask, logp.shape, "logp")
-    check_real_mask(fn, mask)
     for name, x in (("sampler_logp", sampler_logp), ("mask", mask)):
         if x.device != logp.device:
             raise ValueError(f"{fn}: {name} must be on logp's device {logp.device}; got {x.device}")
     check_not_meta(fn, logp=logp, sampler_logp=sampler_logp, mask=mask)
     checks = DataChecks(fn)
-    if mask.is_floating_point():
-        checks.require(torch.isfinite(mask).all(), lambda: f"{fn}: mask must be finite (0/1 or non-negative weights); "
-                                                           f"got {int((~torch.isfinite(mask)).sum())} NaN/inf value(s)")
-    if mask.dtype != torch.bool:
-        checks.require(~(mask < 0).any(), lambda: f"{fn}: mask must be non-negative (0 for padding, 1 for completion "
-                                                  f"tokens); got {int((mask < 0).sum())} negative value(s)")
+    check_mask_values(fn, mask, checks)
     checks.finite_where("logp", logp, mask != 0)
     return checks
 
@@ -161,15 +155,8 @@ def off_policy_sequence_mask(
     if not is_real_number(threshold):  # numpy scalars are numbers too
         raise ValueError(f"{fn}: threshold must be a finite number; got {threshold!r}")
     # a NaN advantage compares False with 0 and would silently decide by the KL alone
-    if advantages.shape == (B, T):
-        checks.finite_where("advantages", advantages, mask != 0)
-    else:
-        live = (mask != 0).any(-1)
-        bad = live & ~torch.isfinite(advantages.reshape(B))
-        checks.none(bad, lambda first: f"{fn}: advantages must be finite for every sequence with a kept token; got "
-                                       f"{int(bad.sum())} NaN/inf value(s), the first "
-                                       f"{advantages.reshape(B)[first[0]].item()} at sequence {first[0]}")
     adv = advantages.reshape(B, 1) if advantages.dim() == 1 else advantages
+    checks.finite_where("advantages", adv, (mask != 0) if adv.shape == (B, T) else (mask != 0).any(-1, keepdim=True))
     checks.run()
     m = mask.float()
     kl = torch.nan_to_num(sampler_logp.float() - logp.detach().float(), nan=0.0)

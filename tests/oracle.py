@@ -1,4 +1,4 @@
-"""The comparison rule of docs/design.md, in one place.
+"""The comparison rule of docs/design.md, in one place, and the error-message rule of the bad-input tests.
 
 A kernel's error against the float64 oracle may be at most ``factor`` (2) times the error of the
 materializing PyTorch path run in the same dtype, plus a small floor. NaN/inf never passes.
@@ -6,7 +6,10 @@ materializing PyTorch path run in the same dtype, plus a small floor. NaN/inf ne
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Callable, Optional
+
+import pytest
 
 import torch
 
@@ -82,3 +85,12 @@ def assert_close_to_oracle(
             f"{name}: max error {err:.3e} > bound {bound:.3e} (= {factor} x same-dtype error {ref_err:.3e} + floor {fl:.1e}); "
             + describe_worst(name, ours, oracle)
         )
+
+
+def refused(exc: type, fn: str, arg: str, call: Callable[[], object]) -> None:
+    """``call()`` raises ``exc`` with a message that starts with ``fn: `` and names ``arg``."""
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    assert msg.startswith(f"{fn}: "), f"error does not name the function {fn}: {msg!r}"
+    assert re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", msg), f"error does not name {arg}: {msg!r}"

@@ -15,8 +15,6 @@ TRITON_INTERPRET=1 on CPU tensors.
 from __future__ import annotations
 
 import math
-import re
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import torch
 
 import grpo_kernels as gk
 from grpo_kernels import reference
-from oracle import assert_close_to_oracle, available_backends
+from oracle import assert_close_to_oracle, available_backends, refused
 
 # fresh random inputs in every test, and the seed printed when one fails (conftest.seed), for replay
 pytestmark = pytest.mark.usefixtures("seed")
@@ -33,15 +31,6 @@ BACKENDS = available_backends()
 B, T, D, V = 2, 3, 6, 13
 NAN, INF = float("nan"), float("inf")
 F64 = torch.float64
-
-
-def refused(exc: type, fn: str, arg: str, call: Callable[[], object]) -> None:
-    """``call()`` raises ``exc`` with a message that starts with ``fn: `` and names ``arg``."""
-    with pytest.raises(exc) as info:
-        call()
-    msg = str(info.value)
-    assert msg.startswith(f"{fn}: "), f"error does not name the function {fn}: {msg!r}"
-    assert re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", msg), f"error does not name {arg}: {msg!r}"
 
 
 def problem() -> dict:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import grpo_kernels as gk
 from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, compute_rewards
+from oracle import refused
 
 pytestmark = pytest.mark.usefixtures("seed")
 
@@ -30,15 +29,6 @@ SAMPLING_FNS = {
     "off_policy_sequence_mask": lambda logp, sampler, mask: gk.off_policy_sequence_mask(
         torch.randn(logp.shape[0]), logp, sampler, mask, 0.1),
 }
-
-
-def refused(exc: type, fn: str, arg: str, call: Callable[[], object]) -> None:
-    """``call()`` raises ``exc`` with a message that starts with ``fn: `` and names ``arg`` (as in test_bad_inputs)."""
-    with pytest.raises(exc) as info:
-        call()
-    msg = str(info.value)
-    assert msg.startswith(f"{fn}: "), f"error does not name the function {fn}: {msg!r}"
-    assert re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", msg), f"error does not name {arg}: {msg!r}"
 
 
 def logps(B: int = 3, T: int = 3):

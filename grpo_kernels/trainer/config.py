@@ -82,15 +82,12 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         # numpy scalars are numbers (as in GRPOConfig): stored as Python ints / floats, so that to_dict()
         # stays JSON-able for the checkpoints and nothing numpy reaches tensor arithmetic. A float in an
-        # int field stays as it is, to be refused below.
+        # int field becomes a Python float, still refused below.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
                 continue
-            if isinstance(value, numbers.Integral):
-                object.__setattr__(self, f.name, int(value))
-            elif "float" in str(f.type):
-                object.__setattr__(self, f.name, float(value))
+            object.__setattr__(self, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"TrainerConfig: {name} must be {expected}; got {getattr(self, name)!r}")

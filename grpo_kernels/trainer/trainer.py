@@ -679,20 +679,14 @@ def _reward_weights(reward_weights: Optional[Union[Tensor, Sequence[float]]], n_
 
     group_advantages receives these weights at every step, so its rule is the rule here (a sequence of
     real non-bool numbers, not a str, or a real tensor; one per reward column; finite); it is applied
-    now, with the message addressed to GRPOTrainer, rather than at the first step. The rewards are
+    now, its messages naming GRPOTrainer, rather than at the first step. The rewards are
     float32 on the CPU (compute_rewards), so the weights must be finite in float32 too: 1e39 would
     pass the float64 check and become inf here.
     """
     if reward_weights is None:
         return torch.ones(n_fns)
     anchor = torch.empty(0)  # the rewards' device and layout: compute_rewards builds them on the CPU
-    try:
-        w = _checked_weights(reward_weights, n_fns, anchor, torch.float64)
-    except (TypeError, ValueError) as exc:
-        message = str(exc)
-        if message.startswith("group_advantages: "):
-            message = "GRPOTrainer: " + message[len("group_advantages: "):]
-        raise type(exc)(message) from None
+    w = _checked_weights(reward_weights, n_fns, anchor, torch.float64, fn="GRPOTrainer")
     if not bool(torch.isfinite(w.float()).all()):
         raise ValueError(f"GRPOTrainer: reward_weights must be finite in float32 (|w| <= "
                          f"{torch.finfo(torch.float32).max:.4g}), the rewards' dtype; got {w.tolist()}")
