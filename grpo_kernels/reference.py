@@ -26,11 +26,15 @@ def logits(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    round_logits_to: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``softcap(hidden @ weight.T + bias) / temperature`` as a materialized tensor [..., V].
 
     The GEMM runs in ``compute_dtype`` (default: the inputs' dtype, as a training framework
     would); everything after it runs in float32, or float64 when computing in float64.
+    ``round_logits_to`` rounds the finished logits to that dtype once (and goes on in the compute
+    dtype; the gradient passes the rounding unchanged): computed in float64, the exact answer on
+    correctly rounded logits, the error no kernel that holds its logits in that dtype can avoid.
     """
     if compute_dtype is not None:
         hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
@@ -40,6 +44,8 @@ def logits(
     z = z / temperature
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if round_logits_to is not None:
+        z = z.to(round_logits_to).to(z.dtype)
     return z
 
 
@@ -54,13 +60,16 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
+    round_logits_to: Optional[torch.dtype] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token log-probs (and entropy) by materializing the logits; differentiable.
 
     hidden [..., D], weight [V, D], targets [...] -> logp [...] (and entropy [...]) in float32
     (float64 when ``compute_dtype=torch.float64``). Tokens equal to ignore_index get 0.
+    ``round_logits_to``: see :func:`logits`.
     """
-    z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap, compute_dtype=compute_dtype)
+    z = logits(hidden, weight, bias=bias, temperature=temperature, softcap=softcap, compute_dtype=compute_dtype,
+               round_logits_to=round_logits_to)
     valid = targets.long() != ignore_index  # in int64: int32 ids would wrap a sentinel outside int32
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lse = torch.logsumexp(z, dim=-1)
@@ -87,14 +96,16 @@ def fused_linear_grpo_loss(
     is_ratio: Optional[Tensor] = None,
     num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    round_logits_to: Optional[torch.dtype] = None,
 ) -> GRPOLossOutput:
     """The GRPO loss the textbook way: materialized logits -> log_softmax -> gather -> grpo_loss.
 
     hidden [B, T, D], weight [V, D], completion_ids [B, T], mask [B, T], advantages [B] or [B, T].
+    ``round_logits_to``: see :func:`logits`.
     """
     logp, entropy = linear_logprobs(
         hidden, weight, completion_ids, bias=bias, temperature=config.temperature, softcap=config.logit_softcap,
-        return_entropy=True, compute_dtype=compute_dtype,
+        return_entropy=True, compute_dtype=compute_dtype, round_logits_to=round_logits_to,
     )
     cast = (lambda x: x) if compute_dtype is None else (lambda x: None if x is None else x.to(compute_dtype))
     return grpo_loss(

@@ -15,6 +15,7 @@ TRITON_INTERPRET=1 on CPU tensors.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -49,14 +50,17 @@ def problem() -> dict:
 CFG = gk.GRPOConfig(loss_type="dapo", beta=0.04)
 
 
-def agrees(name: str, ours: torch.Tensor, gold: torch.Tensor, same: torch.Tensor) -> None:
-    """The 2x rule on the finite elements; NaN and +-inf exactly where the oracle has them."""
+def agrees(name: str, ours: torch.Tensor, gold: torch.Tensor, same: torch.Tensor,
+           rounded: Optional[torch.Tensor] = None) -> None:
+    """The 2x rule on the finite elements; NaN and +-inf exactly where the oracle has them. ``rounded``: the
+    oracle on correctly rounded fp32 logits, the reference where one rounding decides (``huge-logits``)."""
     ours, gold, same = ours.detach(), gold.detach(), same.detach()
     assert ours.shape == gold.shape, f"{name}: shape {tuple(ours.shape)} != oracle {tuple(gold.shape)}"
     for what, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         assert torch.equal(f(ours), f(gold)), f"{name}: {what} at {f(ours).nonzero().tolist()}, oracle at {f(gold).nonzero().tolist()}"
     fin = torch.isfinite(gold)
-    assert_close_to_oracle(name, ours[fin], gold[fin], same[fin] if same.shape == gold.shape else None)
+    assert_close_to_oracle(name, ours[fin], gold[fin], same[fin] if same.shape == gold.shape else None,
+                           rounded=None if rounded is None else rounded.detach()[fin])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,7 +151,8 @@ def test_float64_runs_on_torch_or_is_refused_by_name(backend):
 
 
 def _lp_grads(h, w, t, b, backend=None, **kw):
-    """(logp, entropy, dH, dW, db) of sum(logp + 0.5 entropy); backend None: the fp64 oracle."""
+    """(logp, entropy, dH, dW, db) of sum(logp + 0.5 entropy); backend None: the fp64 oracle, "same-dtype": the
+    oracle in the inputs' dtype, "rounded": the fp64 oracle on correctly rounded fp32 logits."""
     # detach() keeps the strides (clone() would make strided and expanded views contiguous)
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
     b = None if b is None else b.detach().requires_grad_()
@@ -155,6 +160,9 @@ def _lp_grads(h, w, t, b, backend=None, **kw):
         logp, ent = reference.linear_logprobs(h, w, t, bias=b, return_entropy=True, compute_dtype=F64, **kw)
     elif backend == "same-dtype":
         logp, ent = reference.linear_logprobs(h, w, t, bias=b, return_entropy=True, **kw)
+    elif backend == "rounded":
+        logp, ent = reference.linear_logprobs(h, w, t, bias=b, return_entropy=True, compute_dtype=F64,
+                                              round_logits_to=torch.float32, **kw)
     else:
         logp, ent = gk.linear_logprobs(h, w, t, bias=b, return_entropy=True, backend=backend, **kw)
     inputs = [h, w] + ([b] if b is not None else [])
@@ -215,8 +223,9 @@ def test_linear_logprobs_matches_oracle(backend, case):
     ours = _lp_grads(h, w, t, b, backend, **kw)
     gold = _lp_grads(h, w, t, b, None, **kw)
     same = _lp_grads(h, w, t, b, "same-dtype", **kw)
-    for name, o, g, s in zip(["logp", "entropy", "dhidden", "dweight", "dbias"], ours, gold, same):
-        agrees(f"{case}/{name}", o, g, s)
+    rounded = _lp_grads(h, w, t, b, "rounded", **kw)
+    for name, o, g, s, r in zip(["logp", "entropy", "dhidden", "dweight", "dbias"], ours, gold, same, rounded):
+        agrees(f"{case}/{name}", o, g, s, r)
 
 
 def _views(kind: str, p: dict):
@@ -348,14 +357,16 @@ def test_argmax_tokens_at_temperature_0_01(backend):
     h, w, b = torch.randn(n, D), torch.randn(V, D) / D**0.5, 0.1 * torch.randn(V)
     with torch.no_grad():
         t = torch.nn.functional.linear(h.double(), w.double(), b.double()).argmax(-1)
-    ours, gold, same = (_lp_grads(h, w, t, b, k, temperature=temperature) for k in (backend, None, "same-dtype"))
+    ours, gold, same, rounded = (_lp_grads(h, w, t, b, k, temperature=temperature)
+                                 for k in (backend, None, "same-dtype", "rounded"))
     assert bool((ours[0] <= 0).all()), f"log-probs above 0: {ours[0][ours[0] > 0][:8].tolist()}"
-    for name, o, g, s in zip(["logp", "entropy", "dhidden", "dweight", "dbias"], ours, gold, same):
-        agrees(f"temperature-0.01/{name}", o, g, s)
+    for name, o, g, s, r in zip(["logp", "entropy", "dhidden", "dweight", "dbias"], ours, gold, same, rounded):
+        agrees(f"temperature-0.01/{name}", o, g, s, r)
 
 
 def _fused_grads(p: dict, backend: str | None, **over):
-    """(loss, dH, dW, db) of the fused loss; backend None: the fp64 oracle, "same-dtype": the fp32 oracle."""
+    """(loss, dH, dW, db) of the fused loss; backend None: the fp64 oracle, "same-dtype": the fp32 oracle,
+    "rounded": the fp64 oracle on correctly rounded fp32 logits."""
     kw = dict(completion_ids=p["ids"], mask=p["mask"], advantages=p["adv"], old_logp=p["old"], ref_logp=p["ref"],
               config=CFG)
     kw.update(over)
@@ -367,6 +378,9 @@ def _fused_grads(p: dict, backend: str | None, **over):
         out = reference.fused_linear_grpo_loss(h, w, *args, bias=b, compute_dtype=F64, **kw)
     elif backend == "same-dtype":
         out = reference.fused_linear_grpo_loss(h, w, *args, bias=b, **kw)
+    elif backend == "rounded":
+        out = reference.fused_linear_grpo_loss(h, w, *args, bias=b, compute_dtype=F64, round_logits_to=torch.float32,
+                                               **kw)
     else:
         out = gk.fused_linear_grpo_loss(h, w, *args, bias=b, backend=backend, **kw)
     grads = torch.autograd.grad(out.loss, [h, w, b], allow_unused=True)
@@ -407,13 +421,14 @@ def test_fused_loss_matches_oracle(backend, case):
     if "completion_ids" in over:  # the oracle gets a valid id where ours got -100 (masked either way)
         gold_over["completion_ids"] = torch.where(over["completion_ids"] < 0, 0, over["completion_ids"])
     gold, same = _fused_grads(p, None, **gold_over), _fused_grads(p, "same-dtype", **gold_over)
+    rounded = _fused_grads(p, "rounded", **gold_over)
     # Every output is linear in the advantages (the KL term is ~1e-32 of them here): compared in units
     # of the advantages, the floor is the one an O(1)-advantage case gets. In raw units the loss, a
     # difference of two ~1e30 sums, has a floor of 1e-5 of its ~1e27 value, below one fp32 rounding of
     # the 1e30 terms: ~0.5 % of seeds failed on that rounding alone (seed 233: 7.5e22 against 5.1e22).
     unit = FUSED_UNITS.get(case, 1.0)
-    for name, o, g, s in zip(["loss", "dhidden", "dweight", "dbias"], ours, gold, same):
-        agrees(f"{case}/{name}", o / unit, g / unit, s / unit)
+    for name, o, g, s, r in zip(["loss", "dhidden", "dweight", "dbias"], ours, gold, same, rounded):
+        agrees(f"{case}/{name}", o / unit, g / unit, s / unit, r / unit)
 
 
 FUSED_VIEWS = {
