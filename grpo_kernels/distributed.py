@@ -386,34 +386,62 @@ def _shard_backward(h, w, b, lt, owned, lse, ent, g_logp, g_ent, params: ShardOp
     return dh, None if dw is None else dw[:v], None if db is None else db[:v]
 
 
+@dataclass(frozen=True)
+class ShardedCall:
+    """The non-differentiable part of one sharded-head call: the targets ([N] int64, ignore_index
+    included), the rows of the valid tokens ([n] int64, or None when every row is valid), and the
+    :class:`ShardSpec` every rank agreed on (its counts are of valid tokens)."""
+
+    targets: Tensor
+    rows: Optional[Tensor]
+    spec: ShardSpec
+
+
 class VocabShardedLogprobs(torch.autograd.Function):
-    """Log-probs (and entropy) of this rank's valid tokens from its vocabulary shard and the others' partials."""
+    """Log-probs (and entropy) of this rank's valid tokens from its vocabulary shard and the others' partials.
+
+    Takes (hidden [N, D], weight shard, bias shard | None, :class:`ShardedCall`), like
+    :class:`grpo_kernels.logprobs.LinearLogprobsFunction`: the ignore_index rows are dropped here, get
+    log-prob 0 (and entropy 0) and zero gradient, and never travel in a collective.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, spec: ShardSpec):
-        h = _gather_rows(hidden, spec) if spec.gather else hidden
-        t = _gather_rows(targets, spec) if spec.gather else targets
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: ShardedCall):
+        from .logprobs import gather_rows, scatter_rows  # here, not at the top: grpo_kernels.logprobs imports this module
+
+        spec, rows, n = call.spec, call.rows, hidden.shape[0]
+        hv, tv = gather_rows(hidden, rows), gather_rows(call.targets, rows)
+        h = _gather_rows(hv, spec) if spec.gather else hv
+        t = _gather_rows(tv, spec) if spec.gather else tv
         lt = t - spec.vocab_start
         owned = (lt >= 0) & (lt < spec.vocab_local)
         logp, ent, lse = _global_stats(h, weight, bias, lt, owned, spec)
         ctx.set_materialize_grads(False)
-        ctx.spec = spec
+        ctx.call = call
         ctx.hidden_dtype = hidden.dtype
+        ctx.n = n
+        # the backward reads only what this forward derived (lt, owned: new tensors), never the caller's
+        # targets, so a change to them in place after the forward cannot reach the gradient; refusing it
+        # as the single-process op must (its backward re-reads the targets) would stop one rank while the
+        # others wait in the backward's collectives
         ctx.save_for_backward(h, weight, bias, lt, owned, lse, ent)
         own = spec.own
         if ent is None:
-            return logp[own].clone()
-        return logp[own].clone(), ent[own].clone()
+            return scatter_rows(logp[own].clone(), rows, n)
+        return scatter_rows(logp[own].clone(), rows, n), scatter_rows(ent[own].clone(), rows, n)
 
     @staticmethod
     def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor] = None):
+        from .logprobs import gather_rows, scatter_rows
+
         h, weight, bias, lt, owned, lse, ent = ctx.saved_tensors
-        spec: ShardSpec = ctx.spec
+        call: ShardedCall = ctx.call
+        spec, rows = call.spec, call.rows
         n_own = spec.own.stop - spec.own.start
         # every rank runs the same collectives, so missing gradients become zeros rather than skipped work
-        g_logp = lse.new_zeros(n_own) if g_logp is None else g_logp.to(lse.dtype)
-        coefs = [g_logp] if ent is None else [g_logp, lse.new_zeros(n_own) if g_ent is None else g_ent.to(lse.dtype)]
-        coef = torch.stack(coefs, dim=1)
+        g_logp = lse.new_zeros(n_own) if g_logp is None else gather_rows(g_logp, rows).to(lse.dtype)
+        g_ent = None if ent is None else (lse.new_zeros(n_own) if g_ent is None else gather_rows(g_ent, rows).to(lse.dtype))
+        coef = torch.stack([g_logp] if ent is None else [g_logp, g_ent], dim=1)
         if spec.gather:
             coef = _gather_rows(coef, spec)
         g_l = coef[:, 0].contiguous()
@@ -428,8 +456,8 @@ class VocabShardedLogprobs(torch.autograd.Function):
             db = None if db is None else db / spec.world
         else:
             torch.distributed.all_reduce(dh, group=spec.group)
-        dh = dh.to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        return dh, dw, db, None, None
+        dh = scatter_rows(dh.to(ctx.hidden_dtype), rows, ctx.n) if ctx.needs_input_grad[0] else None
+        return dh, dw, db, None
 
 
 class _MeanGradient(torch.autograd.Function):
@@ -464,21 +492,17 @@ def _logprobs(fn: str, layout: Layout, hidden: Tensor, weight: Tensor, bias: Opt
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).long()
     rows = lp.select_rows(t != params.ignore_index) if t.numel() else None
-    hv = h2 if rows is None else h2[rows]
-    tv = t if rows is None else t[rows]
-    spec = _shard_spec(fn, layout, weight, hidden.dtype, hv.shape[0], params)
+    n_valid = t.numel() if rows is None else rows.numel()
+    spec = _shard_spec(fn, layout, weight, hidden.dtype, n_valid, params)
     if spec.total == 0:  # no valid token on any rank: nothing to compute, and no rank runs a collective
         zero = h2.sum() * 0.0 + weight.to_local().sum() * 0.0
         logp = zero.float() + torch.zeros(lead, dtype=torch.float32, device=hidden.device)
         return logp, (logp.clone() if params.return_entropy else None)
     w = weight.to_local()
     b = None if bias is None else bias.to_local()
-    out = VocabShardedLogprobs.apply(hv, w, b, tv, spec)
+    out = VocabShardedLogprobs.apply(h2, w, b, ShardedCall(t, rows, spec))
     logp, ent = (out if params.return_entropy else (out, None))
-    n = h2.shape[0]
-    logp = lp.scatter_rows(logp, rows, n).reshape(lead)
-    ent = None if ent is None else lp.scatter_rows(ent, rows, n).reshape(lead)
-    return logp, ent
+    return logp.reshape(lead), (None if ent is None else ent.reshape(lead))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -296,3 +296,31 @@ def test_one_rank_group_matches_the_single_process_path(one_process_group, seed)
             close(f"{label}: {k}", got[0].metrics[k], v)
         close(f"{label}: dh", got[1], want[1])
         close(f"{label}: dw", got[2], want[2])
+
+
+def test_sharded_head_targets_modified_before_backward(one_process_group, seed):
+    """A Shard(0) head's backward reads only what its forward derived from the targets: changing them in
+    place after the forward leaves the gradient that of the forward's targets (bit for bit), also with
+    ignore_index rows dropped; no rank refuses alone (the others would wait in the backward's collectives)."""
+    import grpo_kernels as gk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    h, w, ids, _, _ = _fused_problem(seed)
+    mesh = init_device_mesh("cpu", (1,))
+    targets = ids.reshape(-1).clone()
+    targets[1] = -100  # a dropped row
+
+    def grads(mutate: bool):
+        t = targets.clone()
+        hl = h.reshape(-1, cases.D).clone().requires_grad_(True)
+        weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+        logp, ent = gk.linear_logprobs(hl, weight, t, return_entropy=True)
+        if mutate:
+            t[0] = (t[0] + 1) % 13
+            t[1] = 0  # the dropped row becomes valid
+        (logp.sum() + ent.sum()).backward()
+        return hl.grad, weight.grad.to_local()
+
+    for name, got, want in zip(["dhidden", "dweight"], grads(True), grads(False)):
+        assert torch.equal(got, want), f"{name}: the gradient follows targets changed after the forward"
