@@ -70,7 +70,12 @@ def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
 
 def is_real_number(value: object) -> bool:
     """A finite real scalar: Python int / float or a numpy scalar; not bool, not a tensor."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and math.isfinite(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, torch.Tensor)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int (or Fraction) beyond float64, 10**400: isfinite converts it and raises
+        return False
 
 
 def check_positive(fn: str, name: str, value: object, *, allow_none: bool = False,
@@ -239,7 +244,7 @@ def check_num_items(fn: str, value: Union[int, float, Tensor, None], checks: Dat
         return
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{fn}: num_items_in_batch must be a number or a one-element tensor; got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 1):
+    if not (is_real_number(value) and value >= 1):  # 10**400: refused, not an OverflowError
         raise ValueError(f"{fn}: num_items_in_batch must be a finite token count >= 1; got {value!r}")
 
 

@@ -108,12 +108,21 @@ def _reward_weights(reward_weights: Union[Tensor, Sequence[float]], n_cols: int,
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in reward_weights)
         if not numbers_only:
             raise TypeError(f"{fn}: reward_weights must be a tensor or a sequence of numbers; got {reward_weights!r}")
-        w = torch.tensor([float(v) for v in reward_weights], dtype=torch.float64, device=rewards.device)
+        values = []
+        for i, v in enumerate(reward_weights):
+            try:
+                values.append(float(v))
+            except OverflowError:  # an int or Fraction beyond float64 (10**400): float() raises instead of giving inf
+                raise ValueError(f"{fn}: reward_weights must be finite in float64 (|w| <= "
+                                 f"{torch.finfo(torch.float64).max:.4g}); got a value of type {type(v).__name__} "
+                                 f"beyond that at index {i}") from None
+        w = torch.tensor(values, dtype=torch.float64, device=rewards.device)
     if tuple(w.shape) != (n_cols,):
         raise ValueError(f"{fn}: reward_weights must have shape [R] = ({n_cols},), one weight per reward column; "
                          f"got {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{fn}: reward_weights must be finite; got {w.tolist()}")
+        first = int((~torch.isfinite(w)).nonzero()[0, 0])
+        raise ValueError(f"{fn}: reward_weights must be finite; got {w.tolist()} (index {first} is {w[first].item()})")
     return w.to(dt)
 
 

@@ -8,10 +8,12 @@ the float hyper-parameters reach the kernels as runtime scalars (a new beta neve
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+from ._checks import is_real_number as _is_number
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -31,9 +33,11 @@ FLOAT_FIELDS = ("beta", "epsilon_low", "epsilon_high", "delta", "sapo_temperatur
                 "entropy_coef", "top_entropy_quantile")
 INT_FIELDS = ("max_completion_length",)
 
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+# The smallest normal float64. The kernels compute in float64 for float64 inputs and in float32 otherwise,
+# and need the temperature and soft-cap to be normal numbers there (_checks.check_positive): a value
+# below this works for no input dtype, so GRPOConfig refuses it. float32's narrower range stays a check
+# of the call, since float64 inputs can use a soft-cap of 1e39.
+FLOAT64_TINY = sys.float_info.min
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,10 @@ class GRPOConfig:
             for A >= 0 and A < 0.
         use_bias_correction_kl: multiply the KL term by the (unclipped) importance ratio.
         max_completion_length: the dr_grpo normalizer ``B * max_completion_length``; required for dr_grpo.
-        temperature: sampling temperature; logits are divided by it before the softmax.
+        temperature: sampling temperature; logits are divided by it before the softmax. At least
+            float64's smallest normal (2.2e-308); float32 inputs need a normal float32 (checked by the call).
         logit_softcap: final-logit soft-capping ``c * tanh(z / c)`` (Gemma-style), applied after the
-            temperature. None: off.
+            temperature. None: off. The same range as temperature.
         entropy_coef: entropy bonus; the loss gets ``- entropy_coef * mean(entropy)`` over completion tokens.
         top_entropy_quantile: keep the policy-gradient term only on tokens whose entropy is at or above
             this quantile from the top (1.0: all tokens; 0.2: the 20% highest-entropy tokens). TRL semantics.
@@ -141,6 +146,10 @@ class GRPOConfig:
                 raise bad(name, "a finite number >= 0")
         if self.logit_softcap is not None and (not _is_number(self.logit_softcap) or self.logit_softcap <= 0):
             raise bad("logit_softcap", "None or a finite number > 0")
+        for name, expected in (("temperature", ""), ("logit_softcap", "None or ")):
+            if getattr(self, name) is not None and getattr(self, name) < FLOAT64_TINY:
+                raise bad(name, f"{expected}at least {FLOAT64_TINY:.4g}, the smallest normal float64 (the kernels need a "
+                                "normal number in the dtype they compute in, float64 at the widest)")
         if not _is_number(self.entropy_coef):
             raise bad("entropy_coef", "a finite number")
         if not _is_number(self.top_entropy_quantile) or not 0 < self.top_entropy_quantile <= 1:

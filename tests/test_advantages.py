@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -290,6 +291,11 @@ BAD_CALLS = [
      "reward_weights must be finite; got"),
     ("weights-inf", lambda: gk.group_advantages(R4, 2, reward_weights=torch.tensor([1.0, float("inf")])), ValueError,
      "reward_weights must be finite"),
+    # an int or Fraction beyond float64 used to escape as a raw OverflowError from float()
+    ("weights-int-beyond-f64", lambda: gk.group_advantages(R4, 2, reward_weights=[1, 10**400]), ValueError,
+     r"reward_weights must be finite in float64 \(\|w\| <= 1.798e\+308\); got a value of type int beyond that at index 1$"),
+    ("weights-fraction-beyond-f64", lambda: gk.group_advantages(R4, 2, reward_weights=[Fraction(-10**400), 1.0]),
+     ValueError, "reward_weights must be finite in float64 .*; got a value of type Fraction beyond that at index 0$"),
     ("weights-strings", lambda: gk.group_advantages(R4, 2, reward_weights=["a", "b"]), TypeError,
      "reward_weights must be a tensor or a sequence of numbers"),
     ("weights-bool", lambda: gk.group_advantages(R4, 2, reward_weights=torch.ones(2, dtype=torch.bool)), TypeError,
@@ -299,6 +305,8 @@ BAD_CALLS = [
     ("eps-negative", lambda: gk.group_advantages(R4, 2, eps=-1e-4), ValueError, "eps must be a finite number >= 0; got -0.0001"),
     ("eps-nan", lambda: gk.group_advantages(R4, 2, eps=NAN), ValueError, "eps must be a finite number >= 0; got nan"),
     ("eps-none", lambda: gk.group_advantages(R4, 2, eps=None), ValueError, "eps must be a finite number >= 0; got None"),
+    ("eps-int-beyond-f64", lambda: gk.group_advantages(R4, 2, eps=10**400), ValueError,
+     "eps must be a finite number >= 0; got 1000"),  # used to be a raw OverflowError from math.isfinite
     ("backend", lambda: gk.group_advantages(R4, 2, backend="cuda"), ValueError,
      "backend must be one of auto, cpu, triton, torch; got 'cuda'"),
     ("backend-cpu-on-meta", lambda: gk.group_advantages(torch.zeros(4, device="meta"), 2, backend="cpu"), ValueError,

@@ -303,6 +303,7 @@ FUSED_REFUSED = {
     "num-items-0": (ValueError, "num_items_in_batch", lambda p: dict(num_items_in_batch=0)),
     "num-items-negative": (ValueError, "num_items_in_batch", lambda p: dict(num_items_in_batch=-5)),
     "num-items-half": (ValueError, "num_items_in_batch", lambda p: dict(num_items_in_batch=0.5)),
+    "num-items-int-beyond-f64": (ValueError, "num_items_in_batch", lambda p: dict(num_items_in_batch=10**400)),
     "num-items-tensor-inf": (ValueError, "num_items_in_batch", lambda p: dict(num_items_in_batch=torch.tensor(INF))),
     "num-items-str": (TypeError, "num_items_in_batch", lambda p: dict(num_items_in_batch="ten")),
     "num-items-bool": (TypeError, "num_items_in_batch", lambda p: dict(num_items_in_batch=True)),

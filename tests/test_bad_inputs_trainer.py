@@ -160,6 +160,16 @@ def test_trainer_config_still_refuses_wrong_numpy_scalars(name, value):
     refused(ValueError, "TrainerConfig", name, lambda: TrainerConfig(**{name: value}))
 
 
+@pytest.mark.parametrize("name, value", [("temperature", 10**400), ("learning_rate", 10**400), ("beta", -10**400),
+                                         ("temperature", 1e-320)],
+                         ids=["temperature-int-beyond-f64", "learning_rate-int-beyond-f64", "beta-int-beyond-f64",
+                              "temperature-subnormal-f64"])
+def test_trainer_config_refuses_numbers_no_dtype_holds(name, value):
+    """An int beyond float64 used to be a raw OverflowError from math.isfinite; a temperature subnormal in
+    float64 is normal in no dtype the kernels compute in (GRPOConfig's rule, re-addressed to TrainerConfig)."""
+    refused(ValueError, "TrainerConfig", name, lambda: TrainerConfig(**{name: value}))
+
+
 def test_compute_rewards_accepts_a_numpy_timeout():
     def one(prompts, completions, **_):
         return [1.0] * len(completions)
@@ -240,6 +250,7 @@ BAD_WEIGHTS = {
     "ndarray": (TypeError, np.array([1.0, 2.0])),  # used to pass; group_advantages refuses it
     "beyond-float32": (ValueError, [1e39, 1.0]),  # used to pass, then fail at the first step
     "bool-tensor": (TypeError, torch.tensor([True, False])),  # used to become [1, 0]
+    "int-beyond-float64": (ValueError, [1, 10**400]),  # used to be a raw OverflowError from float()
     # refused before too; kept so the shared rule does not lose them
     "too-few": (ValueError, [1.0]),
     "nan": (ValueError, [1.0, NAN]),

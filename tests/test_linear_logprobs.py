@@ -344,6 +344,11 @@ def _good():
         pytest.param(lambda h, w, t, kw: (h, w, t, {"temperature": 0.0}), ValueError, "temperature", id="temperature-0"),
         pytest.param(lambda h, w, t, kw: (h, w, t, {"temperature": -1.0}), ValueError, "temperature", id="temperature-neg"),
         pytest.param(lambda h, w, t, kw: (h, w, t, {"softcap": 0.0}), ValueError, "softcap", id="softcap-0"),
+        # ints beyond float64 used to escape as a raw OverflowError from math.isfinite
+        pytest.param(lambda h, w, t, kw: (h, w, t, {"temperature": 10**400}), ValueError,
+                     "^linear_logprobs: temperature must be a finite number > 0; got 1000", id="temperature-int-beyond-f64"),
+        pytest.param(lambda h, w, t, kw: (h, w, t, {"softcap": 10**400}), ValueError,
+                     "^linear_logprobs: softcap must be a finite number > 0; got 1000", id="softcap-int-beyond-f64"),
         pytest.param(lambda h, w, t, kw: ((h * 10).long(), w, t, kw), TypeError, "hidden.*floating", id="integer-hidden"),
         pytest.param(lambda h, w, t, kw: (h, w.bfloat16(), t, kw), TypeError, "hidden and weight.*dtype", id="dtype-mismatch"),
         pytest.param(lambda h, w, t, kw: (h.to("meta"), w, t, kw), ValueError, "device.*hidden on meta", id="device-mismatch"),

@@ -14,6 +14,7 @@ import torch
 
 import grpo_kernels as gk
 from grpo_kernels.config import CLIPPED_SURROGATE, LOSS_TYPES, TOKEN_LEVEL_ONLY
+from oracle import refused
 
 F64 = torch.float64
 
@@ -417,6 +418,44 @@ def test_bad_inputs_raise_naming_the_argument(over, exc, match):
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         gk.GRPOConfig(**kw)
+
+
+# values no input dtype can use: subnormal in float64 (the kernels compute in float64 at the widest),
+# or an int beyond float64, which used to escape as a raw OverflowError from math.isfinite
+NO_DTYPE_VALUES = {
+    "temperature-subnormal-f64": ("temperature", 1e-320),
+    "temperature-smallest-subnormal": ("temperature", 5e-324),
+    "softcap-subnormal-f64": ("logit_softcap", 1e-320),
+    "softcap-smallest-subnormal": ("logit_softcap", 5e-324),
+    "temperature-int-beyond-f64": ("temperature", 10**400),
+    "softcap-int-beyond-f64": ("logit_softcap", 10**400),
+    "beta-int-beyond-f64": ("beta", 10**400),
+    "entropy-coef-int-beyond-f64": ("entropy_coef", -10**400),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_DTYPE_VALUES))
+def test_config_refuses_values_no_dtype_can_use(case):
+    field, value = NO_DTYPE_VALUES[case]
+    refused(ValueError, "GRPOConfig", field, lambda: gk.GRPOConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("field, arg", [("temperature", "temperature"), ("logit_softcap", "softcap")])
+@pytest.mark.parametrize("value", [1e39, 1e-39, 2.2250738585072014e-308], ids=["above-f32", "below-f32", "f64-tiny"])
+def test_config_keeps_float32_limits_for_the_call(field, arg, value):
+    """A normal float64 outside float32's normal range is a valid config: float64 inputs compute with it,
+    float32 inputs are refused by the call (whose message names the kernels' float32)."""
+    cfg = gk.GRPOConfig(loss_type="dapo", beta=0.0, **{field: value})
+    assert getattr(cfg, field) == value
+    torch.manual_seed(0)
+    h, w = 0.1 * torch.randn(1, 3, 4, dtype=F64), 0.1 * torch.randn(7, 4, dtype=F64)
+    ids, mask, adv = torch.randint(0, 7, (1, 3)), torch.ones(1, 3), torch.ones(1)
+    h.requires_grad_(True)
+    out = gk.fused_linear_grpo_loss(h, w, ids, mask, adv, cfg)
+    out.loss.backward()  # at temperature 2.2e-308, |dH| ~ 1e306: large, and finite
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all()
+    refused(ValueError, "fused_linear_grpo_loss", arg,
+            lambda: gk.fused_linear_grpo_loss(h.detach().float(), w.float(), ids, mask, adv, cfg))
 
 
 def test_config_is_frozen_and_replace_revalidates():

@@ -106,6 +106,10 @@ BAD_STATES = [
     ("scheduler_lambda_state", _set("scheduler", "lr_lambdas", [{"x": 1}]), "scheduler.lr_lambdas"),
     ("optimizer_lr_text", lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"), "optimizer.param_groups[0].lr"),
     ("optimizer_lr_nan", lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")), "optimizer.param_groups[0].lr"),
+    # an int beyond float64 (JSON keeps it exact): refused by name, not a raw OverflowError
+    ("config_int_beyond_float64", _set("config", "learning_rate", 10**400), "config.learning_rate"),
+    ("optimizer_lr_int_beyond_float64", lambda s: s["optimizer"]["param_groups"][0].update(lr=10**400),
+     "optimizer.param_groups[0].lr"),
     ("optimizer_unknown_param", lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 1, 999]),
      "optimizer.param_groups[0].params"),
     ("rng_python_garbage", _set("rng", "python", [3, [1, 2], None]), "rng.python"),

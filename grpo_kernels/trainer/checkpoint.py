@@ -34,7 +34,6 @@ import binascii
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
@@ -48,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .._checks import is_real_number
 from .config import TrainerConfig
 
 # 2: state.json records a checksum per file (format 1 checkpoints had none and are refused).
@@ -349,7 +349,7 @@ def check_like(path: Path, field: str, got: Any, want: Any) -> None:
         if not isinstance(got, bool):
             raise bad("true or false")
     elif isinstance(want, (int, float)):
-        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got):
+        if not isinstance(got, (int, float)) or not is_real_number(got):  # 1e400 in a file: refused, no OverflowError
             raise bad("a finite number")
     elif isinstance(want, str):
         if not isinstance(got, str):
@@ -464,7 +464,7 @@ def read_optimizer(path: Path, file: Path, optimizer: torch.optim.Optimizer, met
             raise CheckpointError(f"{path}: optimizer.scalars.{idx} must be an object for a parameter index below "
                                   f"{len(params)}; got {_short(st)}")
         for k, v in st.items():
-            if not (v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v))):
+            if not (v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and is_real_number(v))):
                 raise CheckpointError(f"{path}: optimizer.scalars.{idx}.{k} must be a finite number, true/false, a "
                                       f"string or null; got {_short(v)}")
         state.setdefault(int(idx), {}).update(st)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import time
 import typing
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import parallel
+from .._checks import is_real_number
 from .checkpoint import STATE_FILE, latest_checkpoint, read_state
 from .config import TrainerConfig
 from .model import load_model_and_tokenizer
@@ -165,7 +165,7 @@ def _settings(args: argparse.Namespace) -> tuple[TrainerConfig, dict[str, Any], 
 def _task(values: dict[str, Any], where: str = "") -> ArithmeticTask:
     """The task from its settings (``where`` prefixes the error: the file they were read from)."""
     shaping = values.get("shaping_weight", DEFAULT_SHAPING_WEIGHT)
-    if isinstance(shaping, bool) or not isinstance(shaping, (int, float)) or not math.isfinite(shaping):
+    if not isinstance(shaping, (int, float)) or not is_real_number(shaping):
         raise SystemExit(f"error: {where}shaping_weight must be a finite number; got {shaping!r}")
     try:
         return ArithmeticTask(**{k: v for k, v in values.items() if k != "shaping_weight"})
