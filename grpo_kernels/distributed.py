@@ -389,12 +389,14 @@ def _shard_backward(h, w, b, lt, owned, lse, ent, g_logp, g_ent, params: ShardOp
 @dataclass(frozen=True)
 class ShardedCall:
     """The non-differentiable part of one sharded-head call: the targets ([N] int64, ignore_index
-    included), the rows of the valid tokens ([n] int64, or None when every row is valid), and the
-    :class:`ShardSpec` every rank agreed on (its counts are of valid tokens)."""
+    included), the rows of the valid tokens ([n] int64, or None when every row is valid), the
+    :class:`ShardSpec` every rank agreed on (its counts are of valid tokens), and the public
+    function's name for errors."""
 
     targets: Tensor
     rows: Optional[Tensor]
     spec: ShardSpec
+    fn: str
 
 
 class VocabShardedLogprobs(torch.autograd.Function):
@@ -432,10 +434,12 @@ class VocabShardedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor] = None):
-        from .logprobs import gather_rows, scatter_rows
+        from .logprobs import differentiable_once, gather_rows, scatter_rows
 
-        h, weight, bias, lt, owned, lse, ent = ctx.saved_tensors
         call: ShardedCall = ctx.call
+        # every rank runs the same backward call, so all of them raise here, before any collective
+        differentiable_once(call.fn)
+        h, weight, bias, lt, owned, lse, ent = ctx.saved_tensors
         spec, rows = call.spec, call.rows
         n_own = spec.own.stop - spec.own.start
         # every rank runs the same collectives, so missing gradients become zeros rather than skipped work
@@ -500,7 +504,7 @@ def _logprobs(fn: str, layout: Layout, hidden: Tensor, weight: Tensor, bias: Opt
         return logp, (logp.clone() if params.return_entropy else None)
     w = weight.to_local()
     b = None if bias is None else bias.to_local()
-    out = VocabShardedLogprobs.apply(h2, w, b, ShardedCall(t, rows, spec))
+    out = VocabShardedLogprobs.apply(h2, w, b, ShardedCall(t, rows, spec, fn))
     logp, ent = (out if params.return_entropy else (out, None))
     return logp.reshape(lead), (None if ent is None else ent.reshape(lead))
 

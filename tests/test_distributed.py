@@ -324,3 +324,23 @@ def test_sharded_head_targets_modified_before_backward(one_process_group, seed):
 
     for name, got, want in zip(["dhidden", "dweight"], grads(True), grads(False)):
         assert torch.equal(got, want), f"{name}: the gradient follows targets changed after the forward"
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_linear_grpo_loss"])
+def test_sharded_head_double_backward_is_refused_by_name(one_process_group, seed, op):
+    """A backward with create_graph=True through a Shard(0) head raises as the single-process ops do: the
+    kernels' gradients have no graph, and the torch ops around them would give a partial one."""
+    import grpo_kernels as gk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    h, w, ids, mask, adv = _fused_problem(seed)
+    mesh = init_device_mesh("cpu", (1,))
+    h = h.clone().requires_grad_(True)
+    weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+    if op == "linear_logprobs":
+        loss = gk.linear_logprobs(h, weight, ids).sum()
+    else:
+        loss = gk.fused_linear_grpo_loss(h, weight, ids, mask, adv, gk.GRPOConfig(loss_type="dapo", beta=0.0)).loss
+    with pytest.raises(RuntimeError, match=f"^{op}: create_graph must be False .*differentiable once"):
+        torch.autograd.grad(loss, [h, weight], create_graph=True)
