@@ -51,11 +51,11 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
                     at::Tensor kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                     const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, double temperature,
                     c10::optional<double> softcap, const std::string& engine, c10::optional<at::Tensor> dh,
-                    c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc,
-                    bool accumulate) {
+                    c10::optional<at::Tensor> dh_lo, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
+                    c10::optional<at::Tensor> db_acc, bool accumulate) {
   py::gil_scoped_release no_gil;
   grpo_kernels::chunk_backward(h, w, b, t, kept, lse, entropy, g_logp, g_ent, options(temperature, softcap, 0, engine),
-                               dh, dw, dw_lo, db_acc, accumulate);
+                               dh, dh_lo, dw, dw_lo, db_acc, accumulate);
 }
 
 void scale_rounded_once(at::Tensor out, const c10::optional<at::Tensor>& lo, const at::Tensor& scale) {
@@ -80,7 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_backward", &chunk_backward, "dh, dw (accumulated), db_acc of one one-pass chunk from its kept logits",
         py::arg("h"), py::arg("w"), py::arg("b"), py::arg("t"), py::arg("kept"), py::arg("lse"), py::arg("entropy"),
         py::arg("g_logp"), py::arg("g_ent"), py::arg("temperature"), py::arg("softcap"), py::arg("engine"), py::arg("dh"),
-        py::arg("dw"), py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
+        py::arg("dh_lo"), py::arg("dw"), py::arg("dw_lo"), py::arg("db_acc"), py::arg("accumulate"));
   m.def("scale_rounded_once", &scale_rounded_once,
         "out = scale * (out + its int8 residual lo) in place, rounded once (fp32 or no lo: out *= scale; scale 1: unchanged)",
         py::arg("out"), py::arg("lo"), py::arg("scale"));

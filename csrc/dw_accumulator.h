@@ -204,7 +204,8 @@ void dw_step(Engine e, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb
 // Scales a gradient the one pass formed before grad_output g was known, in place, rounding it once:
 // fp32: out *= g. 16-bit with the residual lo the accumulator kept (n int8): out = round(g * (out + lo)),
 // the accumulated value (hi + residual is exact in fp32) times g in fp32, rounded to nearest even once.
-// 16-bit without a residual (lo == nullptr: the one pass's dH): out = round(g * out), a second rounding.
+// 16-bit without a residual (lo == nullptr, which the schedules no longer pass): out = round(g * out), a second
+// rounding.
 // g == 1 leaves out as it is: hi is already the one rounding of the accumulated value, where
 // round(hi + lo) would round a second time at ties.
 template <typename T>

@@ -48,16 +48,17 @@ void backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::
 // The one-pass schedule, one chunk of at most 256 tokens at a time. chunk_forward is forward() that also
 // keeps what the gradient step needs of the chunk's logits in `kept` (uint8, kept_bytes(n, V, dtype)).
 // chunk_backward then forms the gradients of sum(g_logp * logp + g_ent * entropy) for the chunk from them: writes dh
-// [n, D] like h, and writes (accumulate == false) or adds dw [V, D] like w, through its int8 residual
-// dw_lo [V, D] when given (needed to add into a 16-bit dw), and adds db_acc [V] float32.
+// [n, D] like h (a 16-bit dh with its int8 residual dh_lo [n, D] when given, so that scaling it later rounds it
+// once), and writes (accumulate == false) or adds dw [V, D] like w, through its int8 residual dw_lo [V, D] when
+// given (needed to add into a 16-bit dw), and adds db_acc [V] float32.
 void chunk_forward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                    const LogprobsOptions& opt, at::Tensor& kept, at::Tensor& logp, at::Tensor& lse,
                    c10::optional<at::Tensor> entropy);
 void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                     at::Tensor& kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                     const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt,
-                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
-                    c10::optional<at::Tensor> db_acc, bool accumulate);
+                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dh_lo, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate);
 
 // Tokens per one-pass chunk for n tokens and a [V, D] weight of a dtype: the kept logits, plus the dw
 // residual when a 16-bit dw spans several chunks, stay within a fixed budget (224 MiB).

@@ -1,6 +1,6 @@
 // The one-pass schedule's gradient step of one token chunk, from the exp-values its forward kept; the
 // chunk sizing of that schedule; and the scaling of its gradients by grad_output once that is known
-// (rounded once: a 16-bit gradient keeps its int8 residual until then).
+// (rounded once: a 16-bit gradient, dW and dH alike, keeps its int8 residual until then).
 #include "backward_loop.h"
 #include "common.h"
 #include "dw_accumulator.h"
@@ -24,7 +24,7 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
                          const at::Tensor& t, uint8_t* kept, const at::Tensor& lse_t,
                          const c10::optional<at::Tensor>& ent_t, const at::Tensor& gl_t,
                          const c10::optional<at::Tensor>& ge_t, const LogprobsOptions& opt,
-                         c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw,
+                         c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dh_lo, c10::optional<at::Tensor> dw,
                          c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   const Engine eng = opt.engine;
@@ -111,6 +111,9 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
 
   if (need_dh) {
     T* out = dh->data_ptr<T>();
+    // a 16-bit dH keeps the fp32 sum's next 8 bits in its int8 residual until grad_output scales it
+    // (scale_rounded_once): one rounding of g * dH, as the two-pass schedule's
+    int8_t* dh_lop = dh_lo ? dh_lo->data_ptr<int8_t>() : nullptr;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       std::vector<float> row(static_cast<size_t>(D));
       for (int64_t n = n0; n < n1; ++n) {
@@ -121,6 +124,8 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
         }
         if constexpr (std::is_same_v<T, float>)
           std::memcpy(out + n * D, row.data(), D * sizeof(float));
+        else if (dh_lop)
+          flush_dw<T>(row.data(), D, out + n * D, dh_lop + n * D, true);
         else
           at::vec::convert(row.data(), out + n * D, D);
       }
@@ -146,8 +151,8 @@ int64_t kept_bytes(int64_t n, int64_t v, at::ScalarType dtype) { return KeptLayo
 void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& t,
                     at::Tensor& kept, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
                     const at::Tensor& g_logp, const c10::optional<at::Tensor>& g_ent, const LogprobsOptions& opt,
-                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dw, c10::optional<at::Tensor> dw_lo,
-                    c10::optional<at::Tensor> db_acc, bool accumulate) {
+                    c10::optional<at::Tensor> dh, c10::optional<at::Tensor> dh_lo, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> dw_lo, c10::optional<at::Tensor> db_acc, bool accumulate) {
   check_inputs(h, w, b, t);
   check_lse(lse, h.size(0));
   check_engine(opt.engine, h.scalar_type());
@@ -155,13 +160,16 @@ void chunk_backward(const at::Tensor& h, const at::Tensor& w, const c10::optiona
   TORCH_CHECK(!g_ent || entropy, "grpo_kernels._C: the entropy gradient needs the forward's entropy");
   TORCH_CHECK(!dw_lo || (dw && dw_lo->scalar_type() == at::kChar && dw_lo->numel() == dw->numel()),
               "grpo_kernels._C: dw_lo must be int8 like dw");
+  TORCH_CHECK(!dh_lo || (dh && dh_lo->scalar_type() == at::kChar && dh_lo->numel() == dh->numel() &&
+                         dh_lo->is_contiguous() && dh->scalar_type() != at::kFloat),
+              "grpo_kernels._C: dh_lo must be a contiguous int8 tensor like a 16-bit dh");
   TORCH_CHECK(!accumulate || !dw || dw_lo || h.scalar_type() == at::kFloat,
               "grpo_kernels._C: accumulating a 16-bit dw needs dw_lo");
   TORCH_CHECK(!db_acc || db_acc->scalar_type() == at::kFloat, "grpo_kernels._C: db_acc must be float32");
   if (h.size(0) == 0) return;
   GRPO_DISPATCH(h.scalar_type(), [&] {
-    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<uint8_t>(), lse, entropy, g_logp, g_ent, opt, dh, dw, dw_lo,
-                                  db_acc, accumulate);
+    chunk_backward_impl<scalar_t>(h, w, b, t, kept.data_ptr<uint8_t>(), lse, entropy, g_logp, g_ent, opt, dh, dh_lo, dw,
+                                  dw_lo, db_acc, accumulate);
   });
 }
 

@@ -104,11 +104,12 @@ class TorchBackend(TwoPassBackend):
                 ent[s:e] = en
         return logp, ent, lse
 
-    def _backward_chunks(self, h, w, b, needs: Needs, chunk_grad) -> Grads:
-        """dh [n, D] in h's dtype; dw [V, D] and db [V] in the accumulation dtype (fp32 / fp64)."""
+    def _backward_chunks(self, h, w, b, needs: Needs, chunk_grad, dh_weight: Tensor) -> Grads:
+        """dh [n, D] in dh_weight's dtype (h's, or the accumulation dtype when dh_weight is the head's
+        accumulation copy); dw [V, D] and db [V] in the accumulation dtype (fp32 / fp64)."""
         n, (v, d) = h.shape[0], w.shape
         acc = _acc_dtype(h)
-        dh = empty(tuple(h.shape), h.dtype, h.device) if needs[0] else None
+        dh = empty(tuple(h.shape), dh_weight.dtype, h.device) if needs[0] else None
         dw = torch.zeros(v, d, dtype=acc, device=h.device) if needs[1] else None
         db = torch.zeros(v, dtype=acc, device=h.device) if needs[2] and b is not None else None
         rows = self._rows_per_chunk(n, v)
@@ -117,7 +118,7 @@ class TorchBackend(TwoPassBackend):
             g = chunk_grad(s, e)
             g_lo = g.to(h.dtype)
             if dh is not None:
-                dh[s:e] = g_lo @ w
+                dh[s:e] = g_lo.to(dh_weight.dtype) @ dh_weight
             if dw is not None:
                 dw += (g_lo.t() @ h[s:e]).to(acc)
             if db is not None:
@@ -133,7 +134,8 @@ class TorchBackend(TwoPassBackend):
             return _grad_logits(z, t[s:e], lse[s:e], None if ent is None else ent[s:e], g_logp[s:e],
                                 None if g_ent is None else g_ent[s:e], p)
 
-        return _round(self._backward_chunks(h, w, b, needs, chunk_grad), w, b)
+        # grad_output is in the coefficients already: dH in h's dtype, rounded once by its GEMM
+        return _round(self._backward_chunks(h, w, b, needs, chunk_grad, w), w, b)
 
     def one_pass(self, dtype: torch.dtype, d: int) -> bool:
         return True  # the chunk's logits are at hand: recomputing them would only cost
@@ -156,7 +158,9 @@ class TorchBackend(TwoPassBackend):
             g_logp, g_ent = coef_fn(s, e, lp, en)
             return _grad_logits(z, t[s:e], ls, en, g_logp, g_ent, p)
 
-        return logp, ent, _Formed(self._backward_chunks(h, w, b, needs, chunk_grad), w.dtype,
+        # grad_output comes later (_Formed.finish): dH in the accumulation dtype too, so that scaling it
+        # rounds a 16-bit dH once (the head's accumulation copy is at hand: no second conversion of W)
+        return logp, ent, _Formed(self._backward_chunks(h, w, b, needs, chunk_grad, head[0]), h.dtype, w.dtype,
                                   None if b is None else b.dtype)
 
 
@@ -173,21 +177,21 @@ def _round(grads: Grads, w: Tensor, b: Optional[Tensor]) -> Grads:
 
 
 class _Formed:
-    """The one pass's gradients until grad_output is known: dW and db stay in the accumulation dtype, so
-    ``finish`` scales them in place and rounds a 16-bit dW once. (Between the forward and the backward
-    that is an fp32 [V, D] instead of the 16-bit dW: 2 V D bytes more; the peak, the fp32 accumulator
-    beside the rounded dW, is the one the forward had before.) dH, formed in h's dtype by its GEMM, is
-    scaled in place: a 16-bit dH with grad_output != 1 is rounded a second time."""
+    """The one pass's gradients until grad_output is known: dH, dW and db stay in the accumulation dtype,
+    so ``finish`` scales them in place and rounds a 16-bit dH and dW once. (Between the forward and the
+    backward that is an fp32 [V, D] instead of the 16-bit dW: 2 V D bytes more, and likewise 2 N D bytes
+    for dH; the peak, the fp32 accumulator beside the rounded dW, is the one the forward had before.)"""
 
-    def __init__(self, grads: Grads, w_dtype: torch.dtype, b_dtype: Optional[torch.dtype]) -> None:
+    def __init__(self, grads: Grads, h_dtype: torch.dtype, w_dtype: torch.dtype, b_dtype: Optional[torch.dtype]) -> None:
         self._grads: Optional[Grads] = grads
-        self._dtypes = (w_dtype, b_dtype)
+        self._dtypes = (h_dtype, w_dtype, b_dtype)
 
     def finish(self, scale: Optional[Tensor]) -> Grads:
         assert self._grads is not None, "Formed.finish runs once"
         grads, self._grads = self._grads, None
         dh, dw, db = (scale_in_place(g, scale) for g in grads)
         del grads
-        w_dtype, b_dtype = self._dtypes
+        h_dtype, w_dtype, b_dtype = self._dtypes
         # .to() of an fp32 accumulator into fp32 returns it: no copy
-        return dh, None if dw is None else dw.to(w_dtype), None if db is None else db.to(b_dtype)
+        return (None if dh is None else dh.to(h_dtype), None if dw is None else dw.to(w_dtype),
+                None if db is None else db.to(b_dtype))
