@@ -36,8 +36,8 @@ the shared ``N`` for tensor parallel; ``n`` this rank's tokens, ``n_max`` the la
 bytes per element of the hidden states; fp32 partials, fp64 for fp64 inputs; ignore_index and
 masked tokens are dropped first and never travel):
 
-- validation: one all-gather of 8 int64 per rank (V, D, local V, mesh coordinate, n, layout and
-  dtype flags), so that every rank raises the same error for a bad layout.
+- validation: one all-gather of 9 int64 per rank (V, D, local V, mesh coordinate, n, layout and
+  dtype flags, the bias's local V), so that every rank raises the same error for a bad layout.
 - forward, data parallel only: all-gather of the hidden states (``n_max x D x e`` bytes sent per
   rank, ``W n_max x D x e`` received) and of the targets (``8 n_max``).
 - forward: all-reduce MAX of ``N`` floats and all-reduce SUM of ``2 N`` floats (``3 N`` when the
@@ -245,16 +245,19 @@ class ShardSpec:
         return slice(start, start + self.counts[self.rank])
 
 
-def _shard_spec(fn: str, layout: Layout, weight: Tensor, hidden_dtype: torch.dtype, n: int, params: ShardOptions) -> ShardSpec:
+def _shard_spec(fn: str, layout: Layout, weight: Tensor, bias: Optional[Tensor], hidden_dtype: torch.dtype, n: int,
+                params: ShardOptions) -> ShardSpec:
     """The validation all-gather: every rank checks the same facts and raises the same error."""
     dist = torch.distributed
     group = layout.group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     V, D = weight.shape
     local_v = weight.to_local().shape[0]
+    # -1: no bias. A bias built with DTensor.from_local can split V unlike the weight; its shard must match the weight's
+    local_b = -1 if bias is None else bias.to_local().shape[0]
     coord = layout.mesh.get_coordinate()[0]
     mine = torch.tensor([V, D, local_v, coord, n, int(layout.tokens_replicated), int(params.return_entropy),
-                         _DTYPE_CODES[hidden_dtype]], dtype=torch.int64, device=weight.to_local().device)
+                         _DTYPE_CODES[hidden_dtype], local_b], dtype=torch.int64, device=weight.to_local().device)
     every = torch.empty(world * mine.numel(), dtype=torch.int64, device=mine.device)
     _all_gather_into(every, mine, group)
     rows = every.reshape(world, -1).cpu().tolist()
@@ -265,6 +268,9 @@ def _shard_spec(fn: str, layout: Layout, weight: Tensor, hidden_dtype: torch.dty
         raise ValueError(f"{fn}: weight must have the same hidden size D on every rank of its mesh; got D = {col(1)} across ranks")
     if sum(col(2)) != V:
         raise ValueError(f"{fn}: weight's vocabulary shards must add up to V = {V}; got local sizes {col(2)} across ranks")
+    if col(8) != [-1] * world and col(8) != col(2):
+        raise ValueError(f"{fn}: bias must be given on every rank or on none, sharded like weight (the same local "
+                         f"vocabulary rows); got bias local sizes {col(8)} (-1: no bias) against weight's {col(2)} across ranks")
     if len(set(col(5))) > 1:
         raise ValueError(f"{fn}: hidden must be a Replicate DTensor on every rank or a plain tensor on every rank; got "
                          f"{['Replicate' if f else 'plain' for f in col(5)]} across ranks")
@@ -497,10 +503,14 @@ def _logprobs(fn: str, layout: Layout, hidden: Tensor, weight: Tensor, bias: Opt
     t = targets.reshape(-1).long()
     rows = lp.select_rows(t != params.ignore_index) if t.numel() else None
     n_valid = t.numel() if rows is None else rows.numel()
-    spec = _shard_spec(fn, layout, weight, hidden.dtype, n_valid, params)
+    spec = _shard_spec(fn, layout, weight, bias, hidden.dtype, n_valid, params)
     if spec.total == 0:  # no valid token on any rank: nothing to compute, and no rank runs a collective
+        # zero gradients (not None) for every input, bias included, in the single-process op's output dtype
         zero = h2.sum() * 0.0 + weight.to_local().sum() * 0.0
-        logp = zero.float() + torch.zeros(lead, dtype=torch.float32, device=hidden.device)
+        if bias is not None:
+            zero = zero + bias.to_local().sum() * 0.0
+        acc = _acc_dtype(h2)
+        logp = zero.to(acc) + torch.zeros(lead, dtype=acc, device=hidden.device)
         return logp, (logp.clone() if params.return_entropy else None)
     w = weight.to_local()
     b = None if bias is None else bias.to_local()
@@ -538,7 +548,7 @@ def linear_logprobs(
 
     Returns:
         logp [...] float32 (and entropy [...]) of this rank's tokens as plain tensors. Collectives
-        for a Shard(0) head: the validation all-gather (8 int64 per rank); data parallel: all-gather
+        for a Shard(0) head: the validation all-gather (9 int64 per rank); data parallel: all-gather
         of hidden and targets (n_max x D x e and 8 n_max bytes per rank); all-reduce MAX of N and SUM
         of 2N (3N with entropy) fp32; backward: data parallel all-gather of n_max (2 n_max) fp32
         coefficients, then dH in fp32 (tensor parallel all-reduce N x D x 4 bytes, data parallel

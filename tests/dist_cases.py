@@ -469,6 +469,12 @@ def run_errors(rank: int, world: int, seed: int) -> dict:
     w0 = distribute_tensor(weight, mesh, [Shard(0)])
     h_rep = DTensor.from_local(hidden, mesh, [Replicate()])
     local_rows = 3 if rank == 0 else 2  # from_local without a shape: each rank infers a different V
+    # a bias split unlike the weight (from_local with the global shape): one row moved from the first shard to the last
+    b_sizes = [x.shape[0] for x in weight.chunk(world)]
+    b_sizes[0], b_sizes[-1] = b_sizes[0] - 1, b_sizes[-1] + 1
+    b_start = sum(b_sizes[:rank])
+    bias_unlike = DTensor.from_local(b[b_start: b_start + b_sizes[rank]], mesh, [Shard(0)], run_check=False,
+                                     shape=b.shape, stride=b.stride())
     cases = {
         "shard_along_d": lambda: gk.linear_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(1)]), targets),
         "other_mesh": lambda: gk.linear_logprobs(DTensor.from_local(hidden, other, [Replicate()]), w0, targets),
@@ -483,6 +489,7 @@ def run_errors(rank: int, world: int, seed: int) -> dict:
         "target_out_of_range": lambda: gk.linear_logprobs(hidden, w0, torch.full_like(targets, 10)),
         "two_d_mesh": lambda: gk.linear_logprobs(
             hidden, distribute_tensor(weight, init_device_mesh("cpu", (1, world)), [Replicate(), Shard(0)]), targets),
+        "bias_sharded_unlike_weight": lambda: gk.linear_logprobs(hidden, w0, targets, bias=bias_unlike),
     }
     return {name: _error_of(thunk) for name, thunk in cases.items()}
 

@@ -185,7 +185,7 @@ def test_bf16_sharded_head(world, seed, tmp_root):
 
 def expected_payloads(mode: str, world: int, n: int, d: int) -> list[tuple[str, list[int]]]:
     """The collectives of the module docstring of grpo_kernels/distributed.py, with their tensors' bytes (fp32)."""
-    val = ("_allgather_base_", [world * 8 * 8, 8 * 8])
+    val = ("_allgather_base_", [world * 9 * 8, 9 * 8])
     total = n if mode == "tp" else world * n
     fwd = [("allreduce_", [4 * total]), ("allreduce_", [3 * 4 * total])]
     if mode == "tp":
@@ -218,6 +218,7 @@ ERROR_MESSAGES = {
     "vocab_disagrees": "weight must have the same vocabulary size V on every rank",
     "target_out_of_range": "targets must be in [0, V) = [0, 10)",
     "two_d_mesh": "weight must be a DTensor on a 1-D device mesh",
+    "bias_sharded_unlike_weight": "bias must be given on every rank or on none, sharded like weight",
 }
 
 
@@ -344,3 +345,51 @@ def test_sharded_head_double_backward_is_refused_by_name(one_process_group, seed
         loss = gk.fused_linear_grpo_loss(h, weight, ids, mask, adv, gk.GRPOConfig(loss_type="dapo", beta=0.0)).loss
     with pytest.raises(RuntimeError, match=f"^{op}: create_graph must be False .*differentiable once"):
         torch.autograd.grad(loss, [h, weight], create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sharded_head_without_a_valid_token_is_the_single_process_op(one_process_group, seed, dtype):
+    """Every target ignored (no rank has a valid token): log-probs and entropies are zeros in the single-process
+    op's dtype (float64 for float64 inputs), and every input, the bias included, gets a zero gradient, not None
+    (an optimizer skips a parameter whose grad is None: no weight decay, no momentum step for the bias alone)."""
+    import grpo_kernels as gk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    h, w, _, _, _ = _fused_problem(seed)
+    h, w, b = h.reshape(-1, cases.D).to(dtype), w.to(dtype), torch.randn(13, dtype=dtype)
+    targets = torch.full((h.shape[0],), -100)
+    mesh = init_device_mesh("cpu", (1,))
+
+    def run(sharded: bool):
+        hl = h.clone().requires_grad_(True)
+        wl = (distribute_tensor(w, mesh, [Shard(0)]) if sharded else w.clone()).requires_grad_(True)
+        bl = (distribute_tensor(b, mesh, [Shard(0)]) if sharded else b.clone()).requires_grad_(True)
+        logp, ent = gk.linear_logprobs(hl, wl, targets, bias=bl, return_entropy=True, backend="torch")
+        (logp.sum() + ent.sum()).backward()
+        grads = [hl.grad] + [None if x.grad is None else (x.grad.to_local() if sharded else x.grad) for x in (wl, bl)]
+        return logp, ent, grads
+
+    want, got = run(False), run(True)
+    for name, g, r in (("logp", got[0], want[0]), ("entropy", got[1], want[1])):
+        assert g.dtype == r.dtype, f"{name}: dtype {g.dtype}, the single-process op gives {r.dtype}"
+        assert torch.equal(g, r), name
+    for name, g, r in zip(("dhidden", "dweight", "dbias"), got[2], want[2]):
+        assert g is not None, f"{name}: no gradient (the single-process op gives zeros)"
+        assert g.dtype == r.dtype and torch.equal(g, r), f"{name}: {g} against {r}"
+
+
+def test_bias_sharded_unlike_weight_is_refused_by_name(one_process_group, seed):
+    """A bias built with DTensor.from_local whose shard does not cover the weight's rows is refused, not a raw
+    error of the kernels (the multi-rank case, where only the split differs, is in dist_cases.run_errors)."""
+    import grpo_kernels as gk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, distribute_tensor, Shard
+
+    h, w, ids, _, _ = _fused_problem(seed)
+    mesh = init_device_mesh("cpu", (1,))
+    b = torch.randn(13)
+    bias = DTensor.from_local(b[:12], mesh, [Shard(0)], run_check=False, shape=b.shape, stride=b.stride())
+    with pytest.raises(ValueError, match=r"^linear_logprobs: bias must be given on every rank or on none, sharded like "
+                                         r"weight .*; got bias local sizes \[12\] \(-1: no bias\) against weight's \[13\]"):
+        gk.linear_logprobs(h.reshape(-1, cases.D), distribute_tensor(w, mesh, [Shard(0)]), ids.reshape(-1), bias=bias)
