@@ -31,12 +31,13 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t S = backward_tokens(N, V, D, h.scalar_type(), need_dw, opt, nthreads);
   const int64_t nsuper = ceil_div(N, S);
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
-  const int64_t s_ld = round_up2(S) + 16;  // rows of dZ^T and of dH^T
+  // rows of dZ^T and of dH^T: whole cache lines in 16 bits, off powers of two
+  const int64_t s_ld = (S + 31) / 32 * 32 + 32;
   const int64_t wt_ld = kGroup * kVocabBlock + 32;
-  std::vector<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
+  Scratch<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
   // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
-  std::vector<T> ht(vnni_dz && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
-  std::vector<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
+  Scratch<T> ht(vnni_dz && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
+  Scratch<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
   std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
   std::vector<int8_t> dw_lo;
   T* dwp = need_dw ? dw->data_ptr<T>() : nullptr;
@@ -54,15 +55,15 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
     const GradInputs gin_base = stats.inputs(gl, ge).at(s0);
 
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      Scratch<float> tile(static_cast<size_t>(kVocabBlock * kLd));
       // dZ^T of a group of blocks for every token of the super-chunk, in the GEMM dtype
-      std::vector<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
-      std::vector<T> dz_vnni(vnni_dz && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
-      std::vector<T> dz_pairs(vnni_dz && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
-      std::vector<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
-      std::vector<float> dwt(vnni_dz && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
+      Scratch<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
+      Scratch<T> dz_vnni(vnni_dz && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
+      Scratch<T> dz_pairs(vnni_dz && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
+      Scratch<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
+      Scratch<float> dwt(vnni_dz && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
       // an fp32 dW needs no tile: dw_step forms it in place (and fp32 never takes the VNNI dZ path)
-      std::vector<float> dw_tile(need_dw && !std::is_same_v<T, float>
+      Scratch<float> dw_tile(need_dw && !std::is_same_v<T, float>
                                      ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D)
                                      : 0);
       std::vector<float> db_rows;
@@ -98,8 +99,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 }
               }
               if (need_dw && vnni_dz) {
-                for (int64_t k = 0; k < D; ++k)
-                  for (int64_t r = 0; r < vb; ++r) dw_tile[r * D + k] = dwt[k * kPairLd + r];
+                transpose_into(dwt.data(), D, vb, kPairLd, dw_tile.data(), D);  // dW^T [D, vb] back to rows
                 flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
                             si == 0);
               }

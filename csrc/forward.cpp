@@ -26,7 +26,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
   const int64_t S = kept ? N : super_chunk_tokens(N, opt, nthreads * D * 4, kDhBudgetBytes);
   const KeptLayout kl(N, V, h.scalar_type());
   const int64_t nchunks_max = ceil_div(S, kTokenChunk);
-  std::vector<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
+  Scratch<T> packed(static_cast<size_t>(nchunks_max * D * kLd));
   std::vector<float> stats(static_cast<size_t>(nthreads * 3 * S));
   std::vector<float> zt(static_cast<size_t>(S));
 
@@ -36,7 +36,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional<
     pr.pack_ht(s0, sn, packed.data());
     std::fill(stats.begin(), stats.end(), 0.f);
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+      Scratch<float> tile(static_cast<size_t>(kVocabBlock * kLd));
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* base = stats.data() + tid * 3 * S;
         std::fill(base, base + S, kNegInf);

@@ -45,24 +45,24 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
   const float* ge = ge_t ? ge_t->data_ptr<float>() : nullptr;
   const RowStats stats(lse_t, ent_t, ge != nullptr, N);
   const GradInputs gin = stats.inputs(gl_t.data_ptr<float>(), ge);
-  std::vector<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
+  Scratch<float> dh_acc(need_dh ? static_cast<size_t>(nthreads * N * D) : 0, 0.f);
   // On the amx engine the gradient GEMMs take VNNI operands too: H_chunk in token pairs (packed once here,
   // the B operand of every block's dW GEMM) and, per group, W_group in vocab-row pairs (the dH GEMM's B).
   // Plain-operand calls would run ATen's brgemm, which packs B itself per call, slower at these shapes.
   const bool vnni = vnni_chunk_gradients<T>(eng, D);
   const int64_t kn = vnni ? round_up2(N) : N;  // K of the dW GEMM (an odd N pairs its last token with zero)
-  std::vector<T> h_pairs(vnni && need_dw ? static_cast<size_t>(kn * D) : 0);
+  Scratch<T> h_pairs(vnni && need_dw ? static_cast<size_t>(kn * D) : 0);
   if (!h_pairs.empty()) Packer<T>::interleave_rows(hp, N, D, D, D, h_pairs.data());
 
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
     // dZ^T [vb, N] of a block in fp32 (the A operand of the fp32 dW GEMM) and 16-bit, and dZ [N, gv] of a
     // group of blocks (the A operand of the dH GEMM)
-    std::vector<float> tile(static_cast<size_t>(kVocabBlock * kLd));
-    std::vector<T> dzt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kLd));
-    std::vector<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
-    std::vector<T> w_pairs(vnni && need_dh ? static_cast<size_t>((kGroup * kVocabBlock + 1) * D) : 0);
+    Scratch<float> tile(static_cast<size_t>(kVocabBlock * kLd));
+    Scratch<T> dzt(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kVocabBlock * kDzLd));
+    Scratch<T> dz(need_dh ? static_cast<size_t>(N * ldg) : 0);
+    Scratch<T> w_pairs(vnni && need_dh ? static_cast<size_t>((kGroup * kVocabBlock + 1) * D) : 0);
     // an fp32 dW needs no tile: dw_step forms it in place
-    std::vector<float> dw_tile(need_dw && !std::is_same_v<T, float> ? static_cast<size_t>(kVocabBlock * D) : 0);
+    Scratch<float> dw_tile(need_dw && !std::is_same_v<T, float> ? static_cast<size_t>(kVocabBlock * D) : 0);
     std::vector<float> db_rows;
     for (int64_t tid = t0; tid < t1; ++tid) {
       float* my_dh = need_dh ? dh_acc.data() + tid * N * D : nullptr;
@@ -81,17 +81,19 @@ void chunk_backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::op
             grad_tile_kept(z, vb, N, kLd, kl.max_row(kept, blk), z_t, bv0, tp, tr, gin, b.db_rows);
             // dZ^T [vb, N] in the GEMM dtype: fp32 tiles are the tile itself
             const T* a = reinterpret_cast<const T*>(z);
+            int64_t lda = kLd;  // 16-bit rows of kLd would start every other row 32 bytes into a cache line
             if constexpr (!std::is_same_v<T, float>) {
               for (int64_t r = 0; r < vb; ++r) {
-                at::vec::convert(z + r * kLd, dzt.data() + r * kLd, N);
-                if (kn > N) dzt[r * kLd + N] = T(0.f);  // the VNNI K padding: zero, not a stale value
+                at::vec::convert(z + r * kLd, dzt.data() + r * kDzLd, N);
+                if (kn > N) dzt[r * kDzLd + N] = T(0.f);  // the VNNI K padding: zero, not a stale value
               }
               a = dzt.data();
+              lda = kDzLd;
             }
             if (need_dw)
-              dw_step<T>(eng, vb, D, vnni ? kn : N, kLd, D, a, vnni ? h_pairs.data() : hp, vnni, dw_tile.data(),
+              dw_step<T>(eng, vb, D, vnni ? kn : N, lda, D, a, vnni ? h_pairs.data() : hp, vnni, dw_tile.data(),
                          dwp + bv0 * D, lop ? lop + bv0 * D : nullptr, !accumulate);
-            if (need_dh) transpose_into(a, vb, N, kLd, dz.data() + b.in_group * kVocabBlock, ldg);
+            if (need_dh) transpose_into(a, vb, N, lda, dz.data() + b.in_group * kVocabBlock, ldg);
           },
           [&](const VocabGroup& g) {
             if (!need_dh) return;

@@ -5,6 +5,19 @@
 
 namespace grpo_kernels::detail {
 
+// dst [cols, rows] (leading dim ld_dst) = src [rows, cols]^T (leading dim ld_src), 16 x 16 blocks at a time
+// (ATen's AVX-512 transposes for 16-bit types and fp32; element by element at the edges).
+template <typename T>
+void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  constexpr int64_t kB = 16;
+  const int64_t r16 = rows / kB * kB, c16 = cols / kB * kB;
+  for (int64_t r0 = 0; r0 < r16; r0 += kB)
+    for (int64_t c0 = 0; c0 < c16; c0 += kB)
+      at::vec::transpose_mxn<T, kB, kB>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = (r < r16 ? c16 : 0); c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
 // Packs the operands a tile GEMM needs. VNNI layout for 16-bit types: element (k, n) of a [K, N]
 // operand lives at [k / 2][n][k % 2], i.e. pairs of consecutive k share one 32-bit word.
 template <typename T>
@@ -44,45 +57,27 @@ struct Packer {
 
   // B operand of the dW^T GEMM, dZ [mc, vb] in VNNI form, from dZ^T rows src[0..vb) (leading dim ld):
   // 32-bit word (k, v) = (dZ^T[v][2k], dZ^T[v][2k + 1]); an odd mc pairs the last token with zero.
+  // A transpose of 32-bit words (moved as floats, which keeps their bits: the 16 x 16 blocks only permute).
   static void token_pairs(const T* src, int64_t vb, int64_t mc, int64_t ld, T* dst) {
-    const int64_t pairs = mc / 2;
-    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
-    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
-    constexpr int64_t kB = 16;
-    for (int64_t v0 = 0; v0 < vb; v0 += kB)
-      for (int64_t k0 = 0; k0 < pairs; k0 += kB)
-        for (int64_t v = v0; v < std::min(vb, v0 + kB); ++v) {
-          const uint32_t* row = reinterpret_cast<const uint32_t*>(s16 + v * ld);
-          for (int64_t k = k0; k < std::min(pairs, k0 + kB); ++k) o[k * kPairLd + v] = row[k];
-        }
-    if (mc % 2)
-      for (int64_t v = 0; v < vb; ++v) o[pairs * kPairLd + v] = uint32_t(s16[v * ld + mc - 1]);
+    // fp32 never takes VNNI operands; the branch that would call this for it is not taken
+    TORCH_INTERNAL_ASSERT(sizeof(T) == 2 && ld % 2 == 0);
+    if constexpr (sizeof(T) == 2) {
+      const int64_t pairs = mc / 2;
+      const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+      uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+      transpose_into(reinterpret_cast<const float*>(src), vb, pairs, ld / 2, reinterpret_cast<float*>(dst), kPairLd);
+      if (mc % 2)
+        for (int64_t v = 0; v < vb; ++v) o[pairs * kPairLd + v] = uint32_t(s16[v * ld + mc - 1]);
+    }
   }
 
   // A operand of the dH GEMM, W_block^T [D, kv] (rows ld_out apart) from rows w[0..vb) of length d;
   // columns [vb, kv) are zero (the VNNI K padding).
   static void w_transposed(const T* w, int64_t vb, int64_t d, int64_t kv, int64_t ld_out, T* out) {
-    constexpr int64_t kB = 32;
-    for (int64_t r0 = 0; r0 < vb; r0 += kB)
-      for (int64_t k0 = 0; k0 < d; k0 += kB)
-        for (int64_t k = k0; k < std::min(d, k0 + kB); ++k)
-          for (int64_t r = r0; r < std::min(vb, r0 + kB); ++r) out[k * ld_out + r] = w[r * d + k];
+    transpose_into(w, vb, d, d, out, ld_out);
     for (int64_t k = 0; k < d; ++k)
       for (int64_t r = vb; r < kv; ++r) out[k * ld_out + r] = T(0.f);
   }
 };
-
-// dst [cols, rows] (leading dim ld_dst) = src [rows, cols]^T (leading dim ld_src), 16 x 16 blocks at a time
-// (ATen's AVX-512 transposes for 16-bit types and fp32; element by element at the edges).
-template <typename T>
-void transpose_into(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
-  constexpr int64_t kB = 16;
-  const int64_t r16 = rows / kB * kB, c16 = cols / kB * kB;
-  for (int64_t r0 = 0; r0 < r16; r0 += kB)
-    for (int64_t c0 = 0; c0 < c16; c0 += kB)
-      at::vec::transpose_mxn<T, kB, kB>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = (r < r16 ? c16 : 0); c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
 
 }  // namespace grpo_kernels::detail

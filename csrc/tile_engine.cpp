@@ -83,7 +83,7 @@ void mkl_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
 // mkl-upcast's fp32 copies of the operands, per thread: they grow to the largest tile of a run of tile GEMMs
 // and are freed when the run ends (release), so that no memory outlives a kernel call.
 struct UpcastScratch {
-  std::vector<float> a, b;
+  detail::Scratch<float> a, b;
 };
 UpcastScratch& upcast_scratch() {
   thread_local UpcastScratch s;
@@ -94,8 +94,8 @@ UpcastScratch& upcast_scratch() {
 template <typename T>
 void upcast_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const T* a,
                  const T* b, float* c) {
-  std::vector<float>& wa = upcast_scratch().a;
-  std::vector<float>& wb = upcast_scratch().b;
+  detail::Scratch<float>& wa = upcast_scratch().a;
+  detail::Scratch<float>& wb = upcast_scratch().b;
   if (wa.size() < static_cast<size_t>(m * k)) wa.resize(static_cast<size_t>(m * k));
   if (wb.size() < static_cast<size_t>(k * n)) wb.resize(static_cast<size_t>(k * n));
   for (int64_t r = 0; r < m; ++r) at::vec::convert(a + r * lda, wa.data() + r * k, k);
@@ -201,7 +201,7 @@ bool use_vnni(Engine e, at::ScalarType dtype, int64_t d) {
   return dtype == at::kBFloat16 ? use_vnni<at::BFloat16>(e, d) : dtype == at::kHalf ? use_vnni<at::Half>(e, d) : false;
 }
 
-bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni || e == Engine::kAvx512Bf16; }
+bool vnni_gradients(Engine e) { return e == Engine::kBrgemmVnni || e == Engine::kAvx512Bf16 || amx_kernel(e); }
 
 template <typename T>
 bool vnni_chunk_gradients(Engine e, int64_t d) {
@@ -270,7 +270,7 @@ static double tile_gflops_impl(Engine e, int64_t m, int64_t n, int64_t k, int64_
   for (int trial = 0; trial < 3; ++trial) {
     const auto t0 = std::chrono::steady_clock::now();
     at::parallel_for(0, nthreads, 1, [&](int64_t a0, int64_t a1) {
-      std::vector<float> c(static_cast<size_t>(m * ldc), 0.f);
+      detail::Scratch<float> c(static_cast<size_t>(m * ldc), 0.f);
       for (int64_t tid = a0; tid < a1; ++tid)
         for (int64_t r = 0; r < reps; ++r)
           tile_gemm<T>(e, m, n, k, lda, ldb, ldc, add, a.data_ptr<T>() + ((tid + r) % kBlocks) * m * lda,

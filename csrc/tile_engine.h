@@ -66,12 +66,13 @@ bool use_vnni(Engine e, int64_t d);
 bool use_vnni(Engine e, at::ScalarType dtype, int64_t d);
 
 // Whether the two-pass backward's dW and dH GEMMs take VNNI-packed dZ per token chunk too, given that
-// its logits GEMM takes VNNI operands: brgemm-vnni and avx512-bf16 (whose plain-operand calls would run
-// ATen's brgemm, ~215 GFLOP/s on AMD Zen 5 against the kernel's ~1,000). The amx engine runs them as whole-group GEMMs on
-// plain operands (ATen's brgemm), which measured faster at those shapes than per-chunk VNNI calls
-// (benchmarks/tile_gemm_bench.py). In place, too: per-chunk dH^T on amx (2,030 GFLOP/s in the probe against
-// 1,330 whole-group plain) made the backward's dH part slower end to end (Intel Xeon with AMX, 2026-12-02:
-// 1.87-2.31 s against 1.42-1.74 s at N = 4096), as W_group^T is re-read per chunk.
+// its logits GEMM takes VNNI operands: brgemm-vnni, avx512-bf16 (whose plain-operand calls would run
+// ATen's brgemm, ~215 GFLOP/s on AMD Zen 5 against the kernel's ~1,000) and amx. On amx the whole-group
+// plain-operand GEMMs had measured faster (2026-12-02) while the kernel's scratch started 16 bytes into a
+// cache line; with line-aligned scratch (common.h, Scratch) the per-chunk VNNI calls on our kernel
+// measured level or ~2 % faster on the bf16 loss at 8 x 512 (Intel Xeon with AMX, 2026-12-07: median
+// 2.76 s against 2.81 s, 9 calls each, alternating fresh processes), and they leave MKL's internal
+// packing copies out of the profile.
 bool vnni_gradients(Engine e);
 
 // Whether the one-pass chunk's dW and dH GEMMs take VNNI operands (H_chunk in token pairs, W_group in
