@@ -18,7 +18,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t* tp = pr.tp;
   const Engine eng = pr.eng;
   const bool vnni = pr.vnni;
-  // whether dW and dH take VNNI-packed dZ per token chunk too, or run as whole-group GEMMs on plain operands
+  // whether dW and dH take VNNI operands too (dW: one GEMM per block over the super-chunk with H in token pairs;
+  // dH: one per group and token chunk with dZ in vocab-row pairs), or run as whole-group GEMMs on plain operands
   const bool vnni_dz = vnni && vnni_gradients(eng);
   const Transform& tr = pr.tr;
   const Partition& part = pr.part;
@@ -35,8 +36,9 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t s_ld = (S + 31) / 32 * 32 + 32;
   const int64_t wt_ld = kGroup * kVocabBlock + 32;
   Scratch<T> packed_ht(static_cast<size_t>(nchunks_max * D * kLd));
-  // A operand of the VNNI dW^T GEMM: H^T [D, tokens] of the super-chunk (the plain path reads h directly)
-  Scratch<T> ht(vnni_dz && need_dw ? static_cast<size_t>(D * s_ld) : 0, T(0.f));
+  // B operand of the VNNI dW GEMM: H of the super-chunk in token pairs [ceil(S / 2), D, 2] (the plain path reads
+  // h directly)
+  Scratch<T> h_pairs(vnni_dz && need_dw ? static_cast<size_t>(round_up2(S) * D) : 0);
   Scratch<float> dht(need_dh ? static_cast<size_t>(nthreads * D * s_ld) : 0);
   std::vector<float> db_acc(need_db ? static_cast<size_t>(V) : 0, 0.f);
   std::vector<int8_t> dw_lo;
@@ -47,9 +49,8 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
     const int64_t s0 = si * S, sn = std::min(S, N - s0);
     const int64_t nchunks = ceil_div(sn, kTokenChunk);
     pr.pack_ht(s0, sn, packed_ht.data(), [&](int64_t c, const T* hc, int64_t mc) {
-      if (!ht.empty())
-        for (int64_t k = 0; k < D; ++k)
-          for (int64_t n = 0; n < mc; ++n) ht[k * s_ld + c * kTokenChunk + n] = hc[n * D + k];
+      // chunk c's pairs start at pair row c * kTokenChunk / 2 (an odd last chunk pairs its last token with zero)
+      if (!h_pairs.empty()) Packer<T>::interleave_rows(hc, mc, D, D, D, h_pairs.data() + c * kTokenChunk * D);
     });
     if (need_dh) std::fill(dht.begin(), dht.end(), 0.f);
     const GradInputs gin_base = stats.inputs(gl, ge).at(s0);
@@ -59,9 +60,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       // dZ^T of a group of blocks for every token of the super-chunk, in the GEMM dtype
       Scratch<T> dzt(static_cast<size_t>(kGroup * kVocabBlock * s_ld), T(0.f));
       Scratch<T> dz_vnni(vnni_dz && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
-      Scratch<T> dz_pairs(vnni_dz && need_dw ? static_cast<size_t>(kTokenChunk * kPairLd) : 0);
       Scratch<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
-      Scratch<float> dwt(vnni_dz && need_dw ? static_cast<size_t>(D * kPairLd) : 0);
       // an fp32 dW needs no tile: dw_step forms it in place (and fp32 never takes the VNNI dZ path)
       Scratch<float> dw_tile(need_dw && !std::is_same_v<T, float>
                                      ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D)
@@ -91,17 +90,16 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                   else
                     at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
                 }
-                if (vnni_dz && need_dw) {
-                  // dW^T [D, vb] += H_chunk^T [D, mc] dZ [mc, vb]: the GEMM shape brgemm runs fastest
-                  Packer<T>::token_pairs(dzt_block + n0, vb, mc, s_ld, dz_pairs.data());
-                  tile_gemm<T>(eng, D, vb, round_up2(mc), s_ld, kPairLd, kPairLd, c > 0, ht.data() + n0,
-                               dz_pairs.data(), dwt.data(), true);
-                }
               }
               if (need_dw && vnni_dz) {
-                transpose_into(dwt.data(), D, vb, kPairLd, dw_tile.data(), D);  // dW^T [D, vb] back to rows
-                flush_dw<T>(dw_tile.data(), vb * D, dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D,
-                            si == 0);
+                // dW_block [vb, D] = dZ^T_block [vb, sn] H_s [sn, D] in one GEMM over the whole super-chunk, B in
+                // token pairs: dW's fp32 C is written once per block, where per-chunk dW^T GEMMs (K = 256) read
+                // and wrote it 16 times at N = 4096 (on amx: 2,041 GFLOP/s in the probe against 2,330-2,640 for
+                // the long-K shapes, Intel Xeon with AMX, 2 threads)
+                if (sn % 2)  // the VNNI K padding: zero, not a value a longer super-chunk left there
+                  for (int64_t r = 0; r < vb; ++r) dzt_block[r * s_ld + sn] = T(0.f);
+                dw_step<T>(eng, vb, D, round_up2(sn), s_ld, D, dzt_block, h_pairs.data(), true, dw_tile.data(),
+                           dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D, si == 0);
               }
             },
             [&](const VocabGroup& g) {
@@ -179,8 +177,8 @@ int64_t backward_tokens(int64_t n, int64_t v, int64_t d, at::ScalarType dtype, b
   // in all on AMD Zen 3); once N is split, a 16-bit dW's int8 residual [V, D] (dw_lo) joins them, and the
   // copies count against the split budget (without them N = 16384 measured +297 MB there).
   const int64_t widened = widens_operands(opt.engine, dtype) ? nthreads * (kGroup * kVocabBlock + d) * 4 : 0;
-  // Where dW takes VNNI-packed dZ per chunk (backward_impl's vnni_dz), its A operand is H^T of the whole
-  // super-chunk in the GEMM dtype, one buffer for all threads (`ht` above): counted like the copies, against
+  // Where dW takes VNNI operands (backward_impl's vnni_dz), its B operand is H of the whole super-chunk in token
+  // pairs, one buffer for all threads (`h_pairs` above): counted like the copies, against
   // the split budget only (a single super-chunk of at most 8,704 tokens holds at most 15.6 MB of it at D = 896).
   const bool vnni_dz = use_vnni(opt.engine, dtype, d) && vnni_gradients(opt.engine);
   const int64_t packed_h = need_dw && vnni_dz ? d * 2 : 0;

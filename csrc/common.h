@@ -28,7 +28,6 @@ constexpr int64_t kTokenChunk = 256;  // tokens per tile: below ~192 the tile GE
 constexpr int64_t kLd = kTokenChunk + 16;       // fp32 tile rows, packed H^T rows, VNNI dZ pair rows
 constexpr int64_t kDzLd = kTokenChunk + 32;     // 16-bit dZ^T rows
 constexpr int64_t kWtLd = kVocabBlock + 32;     // 16-bit W_block^T rows
-constexpr int64_t kPairLd = kVocabBlock + 16;   // VNNI dZ pair rows and fp32 dW^T rows
 // All threads' per-token buffers of one super-chunk of tokens together stay below these, so the
 // extra memory does not grow with N (dW then accumulates across super-chunks).
 constexpr int64_t kDhBudgetBytes = int64_t(64) << 20;

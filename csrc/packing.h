@@ -55,22 +55,6 @@ struct Packer {
     }
   }
 
-  // B operand of the dW^T GEMM, dZ [mc, vb] in VNNI form, from dZ^T rows src[0..vb) (leading dim ld):
-  // 32-bit word (k, v) = (dZ^T[v][2k], dZ^T[v][2k + 1]); an odd mc pairs the last token with zero.
-  // A transpose of 32-bit words (moved as floats, which keeps their bits: the 16 x 16 blocks only permute).
-  static void token_pairs(const T* src, int64_t vb, int64_t mc, int64_t ld, T* dst) {
-    // fp32 never takes VNNI operands; the branch that would call this for it is not taken
-    TORCH_INTERNAL_ASSERT(sizeof(T) == 2 && ld % 2 == 0);
-    if constexpr (sizeof(T) == 2) {
-      const int64_t pairs = mc / 2;
-      const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
-      uint32_t* o = reinterpret_cast<uint32_t*>(dst);
-      transpose_into(reinterpret_cast<const float*>(src), vb, pairs, ld / 2, reinterpret_cast<float*>(dst), kPairLd);
-      if (mc % 2)
-        for (int64_t v = 0; v < vb; ++v) o[pairs * kPairLd + v] = uint32_t(s16[v * ld + mc - 1]);
-    }
-  }
-
   // A operand of the dH GEMM, W_block^T [D, kv] (rows ld_out apart) from rows w[0..vb) of length d;
   // columns [vb, kv) are zero (the VNNI K padding).
   static void w_transposed(const T* w, int64_t vb, int64_t d, int64_t kv, int64_t ld_out, T* out) {
