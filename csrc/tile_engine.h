@@ -71,7 +71,7 @@ bool use_vnni(Engine e, at::ScalarType dtype, int64_t d);
 // ~215 GFLOP/s on AMD Zen 5 against the kernel's ~1,000) and amx. On amx the whole-group plain-operand GEMMs had
 // measured faster (2026-12-02) while the kernel's scratch started 16 bytes into a cache line; with line-aligned
 // scratch (common.h, Scratch) our kernel is the fastest engine at every gradient shape (Intel Xeon with AMX,
-// 2 threads, tile_gemm_gflops: 2,330-2,640 GFLOP/s against 1,750-2,180 for brgemm-vnni, brgemm and mkl), and
+// 2 threads, tile_gemm_gflops: 2,040-2,640 GFLOP/s against 1,750-2,180 for brgemm-vnni, brgemm and mkl), and
 // the backward at N = 4096 took 1.99-2.09 s with dW over the super-chunk against 2.17-2.26 s with per-chunk
 // dW^T GEMMs (K = 256, whose fp32 C was re-read and re-written per chunk).
 bool vnni_gradients(Engine e);
