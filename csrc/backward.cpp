@@ -18,7 +18,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
   const int64_t* tp = pr.tp;
   const Engine eng = pr.eng;
   const bool vnni = pr.vnni;
-  // whether dW and dH take VNNI operands too (dW: one GEMM per block over the super-chunk with H in token pairs;
+  // whether dW and dH take VNNI operands too (dW: one GEMM per group over the super-chunk with H in token pairs;
   // dH: one per group and token chunk with dZ in vocab-row pairs), or run as whole-group GEMMs on plain operands
   const bool vnni_dz = vnni && vnni_gradients(eng);
   const Transform& tr = pr.tr;
@@ -62,9 +62,7 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
       Scratch<T> dz_vnni(vnni_dz && need_dh ? static_cast<size_t>(kGroup * kVocabBlock * kLd) : 0);
       Scratch<T> wt(need_dh ? static_cast<size_t>(D * wt_ld) : 0);
       // an fp32 dW needs no tile: dw_step forms it in place (and fp32 never takes the VNNI dZ path)
-      Scratch<float> dw_tile(need_dw && !std::is_same_v<T, float>
-                                     ? static_cast<size_t>((vnni_dz ? 1 : kGroup) * kVocabBlock * D)
-                                     : 0);
+      Scratch<float> dw_tile(need_dw && !std::is_same_v<T, float> ? static_cast<size_t>(kGroup * kVocabBlock * D) : 0);
       std::vector<float> db_rows;
       for (int64_t tid = t0; tid < t1; ++tid) {
         float* my_dht = need_dh ? dht.data() + tid * D * s_ld : nullptr;
@@ -91,24 +89,18 @@ void backward_impl(const at::Tensor& h, const at::Tensor& w, const c10::optional
                     at::vec::convert(tile.data() + r * kLd, dzt_block + r * s_ld + n0, mc);
                 }
               }
-              if (need_dw && vnni_dz) {
-                // dW_block [vb, D] = dZ^T_block [vb, sn] H_s [sn, D] in one GEMM over the whole super-chunk, B in
-                // token pairs: dW's fp32 C is written once per block, where per-chunk dW^T GEMMs (K = 256) read
-                // and wrote it 16 times at N = 4096 (on amx: 2,041 GFLOP/s in the probe against 2,330-2,640 for
-                // the long-K shapes, Intel Xeon with AMX, 2 threads)
-                if (sn % 2)  // the VNNI K padding: zero, not a value a longer super-chunk left there
-                  for (int64_t r = 0; r < vb; ++r) dzt_block[r * s_ld + sn] = T(0.f);
-                dw_step<T>(eng, vb, D, round_up2(sn), s_ld, D, dzt_block, h_pairs.data(), true, dw_tile.data(),
-                           dwp + bv0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + bv0 * D, si == 0);
-              }
             },
             [&](const VocabGroup& g) {
-              if (need_dw && !vnni_dz) {
-                // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM: the plain GEMM packs its
-                // B operand (H of the super-chunk) per call, so one call per group packs it a quarter as often
-                // as one per block
-                dw_step<T>(eng, g.rows, D, sn, s_ld, D, dzt.data(), hp + s0 * D, false, dw_tile.data(), dwp + g.v0 * D,
-                           dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
+              if (need_dw) {
+                // dW_group [rows, D] = dZ^T_group [rows, sn] H_s [sn, D] in one GEMM over the whole super-chunk, so
+                // dW's fp32 C is written once (per-chunk dW^T GEMMs, K = 256, re-read and re-wrote it 16 times at
+                // N = 4096) and a plain GEMM packs its B operand (H of the super-chunk) once per group. On VNNI
+                // engines B is H in token pairs, packed once per super-chunk, and K is padded to even
+                const int64_t kd = vnni_dz ? round_up2(sn) : sn;
+                if (kd > sn)  // the VNNI K padding: zero, not a value a longer super-chunk left there
+                  for (int64_t r = 0; r < g.rows; ++r) dzt[r * s_ld + sn] = T(0.f);
+                dw_step<T>(eng, g.rows, D, kd, s_ld, D, dzt.data(), vnni_dz ? h_pairs.data() : hp + s0 * D, vnni_dz,
+                           dw_tile.data(), dwp + g.v0 * D, dw_lo.empty() ? nullptr : dw_lo.data() + g.v0 * D, si == 0);
               }
               if (need_dh && !vnni_dz) {
                 // dH^T [D, sn] += W_group^T [D, rows] dZ^T_group [rows, sn]: one call per group, so the plain GEMM

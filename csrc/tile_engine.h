@@ -23,7 +23,7 @@
 //           ATen's fp16 GEMMs, while bf16 tiles tied (backends/cpu_engines.py says when it is chosen).
 // - amx:    our own cache-blocked AMX kernel (csrc/amx_gemm.h), bf16 only, on the brgemm-vnni operand layout
 //           (VNNI-packed B, packed once per super-chunk or block by the schedules); ragged edges and plain-B
-//           calls (odd D, the two-pass dW and dH) go to ATen's brgemm.
+//           calls (odd D) go to ATen's brgemm.
 // - amx-emulated: the amx engine's kernel on software tiles (amx_gemm.h's EmulatedTiles), bf16 only, on every
 //           machine, with the amx engine's operand layouts and schedule branches: a test engine, so that those run
 //           where AMX does not. Slow (scalar); never chosen, only forced.
@@ -65,7 +65,7 @@ bool use_vnni(Engine e, int64_t d);
 // The same for a runtime dtype (fp32: never).
 bool use_vnni(Engine e, at::ScalarType dtype, int64_t d);
 
-// Whether the two-pass backward's dW and dH GEMMs take VNNI operands too (dW per vocab block over the whole
+// Whether the two-pass backward's dW and dH GEMMs take VNNI operands too (dW per group of vocab blocks over the whole
 // super-chunk, B = H in token pairs; dH per group and token chunk, B = dZ in vocab-row pairs), given that its
 // logits GEMM takes VNNI operands: brgemm-vnni, avx512-bf16 (whose plain-operand calls would run ATen's brgemm,
 // ~215 GFLOP/s on AMD Zen 5 against the kernel's ~1,000) and amx. On amx the whole-group plain-operand GEMMs had

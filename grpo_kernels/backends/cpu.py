@@ -19,6 +19,8 @@ GRPO_KERNELS_CPU_ENGINE, else capability, else a measured probe); ``gemm_path`` 
   one pass 1.99-2.11x (with VNNI gradient GEMMs and a 16-lane dW flush; 2.22-2.32x before) against two
   passes' 1.37-1.47x, as at AMX GEMM speed the one pass's per-chunk costs (all of W streamed and all
   of dW, with its residual, re-read and re-written once per 256 tokens) outweigh the saved GEMM.
+  With the kernels' scratch on cache lines (2026-12-07) two passes ran 1.07-1.16x and the one pass,
+  forced, 1.42-1.62x: its dW traffic is memory-bound on 2 vCPUs.
 
 Off AMX the one pass wins at full bf16 GEMM speed too: on AMD Zen 5 (avx512-bf16 engine, ~950 GFLOP/s per
 tile, 2 vCPU, bf16, 8 x 512, fresh processes alternating) one pass 0.95-1.03x its three-GEMM floor against two

@@ -22,8 +22,8 @@ The kernels' GEMMs go through one interface (csrc/tile_engine.h) with seven engi
   path (ATen's brgemm). Measured on AMD EPYC Zen 5 (2 threads): 949-999 GFLOP/s at the kernels' tile
   shapes against 204-215 for ``brgemm``, ``mkl`` and ``mkl-upcast``, and 905 for torch's own bf16 matmul.
 - ``amx-emulated`` (tests): the ``amx`` engine's kernel on software tiles, bf16 only, on every machine,
-  taking every branch the schedules take for ``amx`` (VNNI operands, the one-pass VNNI gradients, the
-  two-pass whole-group plain GEMMs), so those are tested where AMX is not. Scalar and slow: never chosen
+  taking every branch the schedules take for ``amx`` (VNNI operands, the one-pass and two-pass VNNI
+  gradient GEMMs), so those are tested where AMX is not. Scalar and slow: never chosen
   nor probed, only forced (``GRPO_KERNELS_CPU_ENGINE=bf16=amx-emulated``).
 
 Every engine writes fp32 logits tiles, so the choice changes speed, never the accuracy class.
